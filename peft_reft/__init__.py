@@ -1,0 +1,31 @@
+"""peft-reft: Representation Finetuning (ReFT) as a native peft tuner.
+
+Importing this package registers the `REFT` tuner type with peft, so that `peft.get_peft_model(model, ReftConfig(...))`,
+`PeftModel.from_pretrained` and TRL's `SFTTrainer(peft_config=ReftConfig(...))` work with ReFT adapters.
+"""
+
+from .config import ReftConfig
+from .interventions import INTERVENTIONS, ConsReFT, DiReFT, LoBiReFT, LoReFT, NoDiReFT, NoReFT
+from .layer import ReftLayer
+from .model import ReftModel
+from .positions import PositionSpec, parse_positions
+from .registration import register
+
+register(ReftConfig, ReftModel)
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "INTERVENTIONS",
+    "ConsReFT",
+    "DiReFT",
+    "LoBiReFT",
+    "LoReFT",
+    "NoDiReFT",
+    "NoReFT",
+    "PositionSpec",
+    "ReftConfig",
+    "ReftLayer",
+    "ReftModel",
+    "parse_positions",
+]

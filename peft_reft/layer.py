@@ -1,0 +1,101 @@
+"""`ReftLayer`: a decoder layer wrapped so that its output is edited at the positions of the current call."""
+
+from __future__ import annotations
+
+from typing import Any, Optional
+
+import torch
+from peft.tuners.tuners_utils import BaseTunerLayer
+from torch import nn
+
+from .config import ReftConfig
+from .interventions import build_intervention
+
+
+class ReftLayer(nn.Module, BaseTunerLayer):
+    """Wraps a whole decoder layer (`base_layer`) and edits its output hidden states.
+
+    Per adapter, `reft_interventions[adapter]` is a `ModuleList` of the layer's interventions: index g edits the
+    tokens whose group (see `peft_reft.positions`) is g. The group maps of the current call are set by `ReftModel`
+    in `group_maps` (adapter name -> LongTensor `[batch, seq_len]`) for the duration of a forward pass; an empty dict
+    means "edit nothing in this call" (decode steps of `generate`).
+    """
+
+    adapter_layer_names = ("reft_interventions",)
+    other_param_names = ()
+
+    def __init__(self, base_layer: nn.Module, adapter_name: str, config: ReftConfig, hidden_size: int):
+        super().__init__()
+        self.base_layer = base_layer
+        self.hidden_size = hidden_size
+        self.reft_interventions = nn.ModuleDict({})
+        self.group_maps: Optional[dict[str, torch.Tensor]] = None
+        self._active_adapter = adapter_name
+        self._disable_adapters = False
+        self.merged_adapters = []
+        self.update_layer(adapter_name, config)
+
+    def update_layer(self, adapter_name: str, config: ReftConfig) -> None:
+        """Add the interventions of adapter `adapter_name`, on the device of the wrapped layer, in float32."""
+        interventions = nn.ModuleList(
+            build_intervention(
+                config.intervention,
+                self.hidden_size,
+                config.low_rank_dimension,
+                dropout=config.dropout,
+                act_fn=config.act_fn,
+                init_weights=config.init_weights,
+            )
+            for _ in range(config.num_groups)
+        )
+        device = next((p.device for p in self.base_layer.parameters() if not p.is_meta), None)
+        if device is not None:
+            interventions.to(device)
+        self.reft_interventions[adapter_name] = interventions
+        self.set_adapter(self.active_adapters, inference_mode=config.inference_mode)
+
+    def merge(self, *args: Any, **kwargs: Any) -> None:
+        raise NotImplementedError(
+            "ReFT adapters cannot be merged into the base weights: the edit depends on the token position. "
+            "Keep the adapter loaded (PeftModel) for inference, or use `unload()` to get the base model back."
+        )
+
+    def unmerge(self) -> None:
+        """Nothing to undo: ReFT adapters are never merged."""
+
+    def forward(self, hidden_states: torch.Tensor, *args: Any, **kwargs: Any):
+        output = self.base_layer(hidden_states, *args, **kwargs)
+        if self.disable_adapters or not any(name in self.reft_interventions for name in self.active_adapters):
+            return output
+        if self.group_maps is None:
+            raise RuntimeError(
+                "A ReFT layer ran without intervention positions. Call the model through the PeftModel returned by "
+                "`get_peft_model` / `PeftModel.from_pretrained` (its forward and generate supply the positions), not "
+                "through the wrapped transformers model."
+            )
+        hidden = output[0] if isinstance(output, tuple) else output
+        for name in self.active_adapters:
+            if name not in self.reft_interventions or name not in self.group_maps:
+                continue
+            group_map = self.group_maps[name]
+            if group_map.shape != hidden.shape[:2]:
+                raise RuntimeError(
+                    f"ReFT positions of shape {list(group_map.shape)} do not match the hidden states "
+                    f"{list(hidden.shape[:2])} of this layer."
+                )
+            for group, intervention in enumerate(self.reft_interventions[name]):
+                selected = (group_map == group).unsqueeze(-1)
+                hidden = torch.where(selected, intervention(hidden), hidden)
+        return (hidden, *output[1:]) if isinstance(output, tuple) else hidden
+
+    def __getattr__(self, name: str) -> Any:
+        # model code reads attributes of its decoder layers (e.g. `attention_type`): forward them to the wrapped layer
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            if name == "base_layer":
+                raise
+            return getattr(self.base_layer, name)
+
+    def __repr__(self) -> str:
+        return "reft." + super().__repr__()

@@ -1,0 +1,287 @@
+"""`ReftModel`: the peft tuner that wraps decoder layers in `ReftLayer`s and routes intervention positions to them."""
+
+from __future__ import annotations
+
+import contextlib
+import re
+from typing import Any, Iterator, Optional
+
+import torch
+from peft.tuners.tuners_utils import BaseTuner, _get_submodules, _remove_adapter_name_from_state_dict_key
+from torch import nn
+
+from .config import ReftConfig
+from .layer import ReftLayer
+from .positions import intervention_group_map
+
+INTERVENTION_LOCATIONS = "intervention_locations"
+
+
+def _text_config(model: nn.Module):
+    config = getattr(model, "config", None)
+    return config.get_text_config() if hasattr(config, "get_text_config") else config
+
+
+def find_decoder_layers(model: nn.Module) -> tuple[str, nn.ModuleList]:
+    """Find the stack of decoder layers: the `ModuleList` of identical blocks with one entry per hidden layer.
+
+    Works without a per-architecture table: among the module lists of the model whose entries are all of one class,
+    it prefers one of `config.num_hidden_layers` entries whose class is in the model's `_no_split_modules`.
+    """
+    config = _text_config(model)
+    num_layers = getattr(config, "num_hidden_layers", None)
+    no_split = set(getattr(model, "_no_split_modules", None) or [])
+    candidates = []
+    for name, module in model.named_modules():
+        if not isinstance(module, nn.ModuleList) or len(module) == 0:
+            continue
+        classes = {type(m.get_base_layer() if isinstance(m, ReftLayer) else m) for m in module}
+        if len(classes) != 1:
+            continue
+        cls = classes.pop()
+        score = (cls.__name__ in no_split, len(module) == num_layers, len(module))
+        candidates.append((score, name, module))
+    if not candidates:
+        raise ValueError(
+            f"Could not find the decoder layers of {type(model).__name__}: no nn.ModuleList of identical blocks."
+        )
+    _, name, module = max(candidates, key=lambda c: c[0])
+    return name, module
+
+
+def hidden_size_of(model: nn.Module) -> int:
+    """The width of the residual stream, from the model's (text) config."""
+    config = _text_config(model)
+    for attribute in ("hidden_size", "n_embd", "d_model"):
+        size = getattr(config, attribute, None)
+        if isinstance(size, int):
+            return size
+    raise ValueError(f"Could not read the hidden size of {type(model).__name__} from its config.")
+
+
+class ReftModel(BaseTuner):
+    """Creates a ReFT model from a transformers model (use `peft.get_peft_model` with a `ReftConfig`).
+
+    The decoder layers listed in `ReftConfig.layers` are wrapped in `ReftLayer`. On every forward pass the intervention
+    positions of the batch (explicit `intervention_locations`, or derived from `attention_mask` and `labels`, see
+    `peft_reft.positions`) are computed once and handed to the layers. `generate` edits the prompt positions in the
+    prefill pass only, so decoding costs what the base model costs.
+
+    Example:
+
+        ```py
+        >>> import peft_reft
+        >>> from peft import get_peft_model
+        >>> model = get_peft_model(base_model, peft_reft.ReftConfig(layers=[4, 8], low_rank_dimension=4))
+        >>> model.print_trainable_parameters()
+        ```
+    """
+
+    prefix: str = "reft_"
+    tuner_layer_cls = ReftLayer
+    target_module_mapping: dict = {}
+
+    # ----------------------------------------------------------------------------------------------- injection
+    def _prepare_adapter_config(self, peft_config: ReftConfig, model_config: dict) -> ReftConfig:
+        stack_name, stack = find_decoder_layers(self.model)
+        num_layers = len(stack)
+        indices = list(range(num_layers)) if peft_config.layers == "all" else peft_config.layers
+        out_of_range = [i for i in indices if not 0 <= i < num_layers]
+        if out_of_range:
+            raise ValueError(
+                f"ReftConfig: layers={peft_config.layers} has index(es) {out_of_range} out of range: "
+                f"{type(self.model).__name__} has {num_layers} decoder layers (valid indices 0..{num_layers - 1})."
+            )
+        hidden_size = hidden_size_of(self.model)
+        if peft_config.low_rank_dimension > hidden_size:
+            raise ValueError(
+                f"ReftConfig: low_rank_dimension={peft_config.low_rank_dimension} is larger than the model's hidden "
+                f"size {hidden_size}; use 1 <= low_rank_dimension <= {hidden_size}."
+            )
+        peft_config.target_modules = rf"{re.escape(stack_name)}\.({'|'.join(str(i) for i in indices)})"
+        return peft_config
+
+    def _create_and_replace(
+        self,
+        peft_config: ReftConfig,
+        adapter_name: str,
+        target: nn.Module,
+        target_name: str,
+        parent: nn.Module,
+        current_key: str,
+        parameter_name: Optional[str] = None,
+    ) -> None:
+        if isinstance(target, ReftLayer):
+            target.update_layer(adapter_name, peft_config)
+            return
+        new_module = ReftLayer(target, adapter_name, peft_config, hidden_size=hidden_size_of(self.model))
+        self._replace_module(parent, target_name, new_module, target)
+
+    @classmethod
+    def _remove_adapter_name_from_key(cls, key: str, adapter_name: str) -> str:
+        # `...layers.3.reft_interventions.<adapter>.0.rotate_layer.weight` -> `...layers.3.reft_interventions.0...`
+        pattern = rf"(\.{cls.prefix}\w+)\.{re.escape(adapter_name)}(?=\.|$)"
+        if re.search(pattern, key):
+            return re.sub(pattern, r"\1", key, count=1)
+        return _remove_adapter_name_from_state_dict_key(key, adapter_name)
+
+    # ----------------------------------------------------------------------------------------------- merging
+    def _check_merge_allowed(self):
+        raise ValueError(
+            "ReFT adapters cannot be merged into the base model: the edit depends on the token position, so no "
+            "weight change reproduces it. Keep the PeftModel for inference, or call `unload()` to get the base model."
+        )
+
+    def _unload_and_optionally_merge(
+        self,
+        merge: bool = True,
+        progressbar: bool = False,
+        safe_merge: bool = False,
+        adapter_names: Optional[list[str]] = None,
+    ):
+        if merge:
+            self._check_merge_allowed()
+        for key, module in list(self.model.named_modules()):
+            if isinstance(module, ReftLayer):
+                replacement = module.get_base_layer()
+            elif hasattr(module, "unload_and_optionally_merge_module"):  # e.g. modules_to_save wrappers
+                replacement = module.unload_and_optionally_merge_module(
+                    merge=False, safe_merge=safe_merge, adapter_names=adapter_names
+                )
+            else:
+                continue
+            parent, _, target_name = _get_submodules(self.model, key)
+            setattr(parent, target_name, replacement)
+        if hasattr(self.model, "peft_config"):
+            del self.model.peft_config
+        return self.model
+
+    # ----------------------------------------------------------------------------------------------- positions
+    def _reft_layers(self) -> list[ReftLayer]:
+        return [module for module in self.model.modules() if isinstance(module, ReftLayer)]
+
+    def _active_reft_configs(self) -> dict[str, ReftConfig]:
+        return {name: self.peft_config[name] for name in self.active_adapters if name in self.peft_config}
+
+    def group_maps(self, input_shape, device, **batch) -> dict[str, torch.Tensor]:
+        """Per active adapter, the group map `[batch, seq_len]` of a batch (see `peft_reft.positions`)."""
+        maps, by_rule = {}, {}
+        for name, config in self._active_reft_configs().items():
+            rule = (config.positions, config.share_weights)
+            if rule not in by_rule:
+                by_rule[rule] = intervention_group_map(
+                    config.position_spec, config.share_weights, tuple(input_shape), device=device, **batch
+                )
+            maps[name] = by_rule[rule]
+        return maps
+
+    @contextlib.contextmanager
+    def _positions(self, group_maps: Optional[dict[str, torch.Tensor]]) -> Iterator[list[ReftLayer]]:
+        layers = self._reft_layers()
+        for layer in layers:
+            layer.group_maps = group_maps
+        try:
+            yield layers
+        finally:
+            for layer in layers:
+                layer.group_maps = None
+
+    @staticmethod
+    def _input_shape_and_device(input_ids, inputs_embeds):
+        reference = input_ids if input_ids is not None else inputs_embeds
+        if reference is None:
+            raise ValueError("ReFT needs `input_ids` or `inputs_embeds` to place its interventions.")
+        return tuple(reference.shape[:2]), reference.device
+
+    def forward(self, *args: Any, **kwargs: Any):
+        """Run the model with the interventions applied at the batch's positions.
+
+        Positions come from the batch key `intervention_locations` (popped here, never passed to the transformers
+        model) or are derived from `attention_mask` and `labels`.
+        """
+        locations = kwargs.pop(INTERVENTION_LOCATIONS, None)
+        input_ids = kwargs.get("input_ids", args[0] if args else None)
+        if kwargs.get("past_key_values") is not None and locations is None:
+            past = kwargs["past_key_values"]
+            if hasattr(past, "get_seq_length") and past.get_seq_length() > 0:
+                raise ValueError(
+                    "ReFT cannot derive prompt positions for a forward pass that continues a non-empty KV cache; use "
+                    "`generate` (which edits the prompt once, at prefill) or pass `intervention_locations`."
+                )
+        self._reject_packed_batch(kwargs)
+        shape, device = self._input_shape_and_device(input_ids, kwargs.get("inputs_embeds"))
+        maps = self.group_maps(
+            shape,
+            device,
+            attention_mask=kwargs.get("attention_mask"),
+            labels=kwargs.get("labels"),
+            intervention_locations=locations,
+        )
+        with self._positions(maps):
+            return self.model(*args, **kwargs)
+
+    def _reject_packed_batch(self, kwargs: dict) -> None:
+        if kwargs.get("attention_mask") is not None:
+            return
+        packed = any(kwargs.get(key) is not None for key in ("cu_seq_lens_q", "cu_seq_lens_k", "seq_idx"))
+        position_ids = kwargs.get("position_ids")
+        if position_ids is not None and position_ids.shape[-1] > 1:
+            packed = packed or bool((position_ids[..., 1:] == 0).any())
+        prompt_based = any(not c.position_spec.all for c in self._active_reft_configs().values())
+        if packed and prompt_based:
+            raise ValueError(
+                "This batch packs several sequences into one row (padding-free / packing: position_ids restart, no "
+                "attention_mask), so ReFT cannot tell where each prompt is. Train without packing and padding_free "
+                "(SFTConfig(packing=False, padding_free=False)), or use positions='all'."
+            )
+
+    # ----------------------------------------------------------------------------------------------- generation
+    def generate(self, *args: Any, **kwargs: Any):
+        """`transformers` generate with the interventions applied to the prompt, in the prefill pass only.
+
+        Positions are derived from the prompt's 2-D `attention_mask` (left or right padding) or given as
+        `intervention_locations` for the prompt. With `positions="all"` every generated token is edited as well.
+        Beam search and `num_return_sequences` are supported.
+        """
+        locations = kwargs.pop(INTERVENTION_LOCATIONS, None)
+        for unsupported in ("assistant_model", "prefill_chunk_size"):
+            if kwargs.get(unsupported) is not None or getattr(kwargs.get("generation_config"), unsupported, None):
+                raise ValueError(f"ReFT does not support `generate(..., {unsupported}=...)`: it needs one prefill pass.")
+        past = kwargs.get("past_key_values")
+        if past is not None and hasattr(past, "get_seq_length") and past.get_seq_length() > 0:
+            raise ValueError("ReFT cannot continue generation from a non-empty `past_key_values`: pass the full prompt.")
+        input_ids = kwargs.get("input_ids", args[0] if args else None)
+        shape, device = self._input_shape_and_device(input_ids, kwargs.get("inputs_embeds"))
+        prompt_maps = self.group_maps(
+            shape, device, attention_mask=kwargs.get("attention_mask"), intervention_locations=locations
+        )
+        configs = self._active_reft_configs()
+        calls = 0
+
+        def set_positions(module, call_args, call_kwargs):
+            nonlocal calls
+            calls += 1
+            new_ids = call_kwargs.get("input_ids", call_args[0] if call_args else None)
+            call_shape, _ = self._input_shape_and_device(new_ids, call_kwargs.get("inputs_embeds"))
+            if calls == 1:
+                maps = {name: m.repeat_interleave(call_shape[0] // m.shape[0], dim=0) for name, m in prompt_maps.items()}
+            else:
+                maps = {}
+                mask = call_kwargs.get("attention_mask")
+                for name, config in configs.items():
+                    if config.position_spec.all:
+                        attended = (
+                            mask[:, -call_shape[1]:].bool()
+                            if mask is not None and mask.dim() == 2
+                            else torch.ones(call_shape, dtype=torch.bool, device=device)
+                        )
+                        maps[name] = torch.where(attended, 0, -1)
+            for layer in layers:
+                layer.group_maps = maps
+
+        with self._positions({}) as layers:
+            handle = self.model.register_forward_pre_hook(set_positions, with_kwargs=True)
+            try:
+                return self.model.generate(*args, **kwargs)
+            finally:
+                handle.remove()
