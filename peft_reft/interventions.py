@@ -39,9 +39,12 @@ def orthonormal_rows(weight: torch.Tensor) -> torch.Tensor:
     The signs are fixed so that the result is unique and continuous in `weight`; a `weight` that already has
     orthonormal rows is returned unchanged (up to rounding).
     """
+    dtype = weight.dtype
+    if dtype in (torch.float16, torch.bfloat16):  # QR needs single precision at least
+        weight = weight.float()
     q, upper = torch.linalg.qr(weight.transpose(0, 1))  # [d, r], [r, r]
     signs = torch.where(torch.diagonal(upper) < 0, -1.0, 1.0).to(q.dtype)
-    return (q * signs).transpose(0, 1)
+    return (q * signs).transpose(0, 1).to(dtype)
 
 
 def activation(act_fn: str | None) -> nn.Module:

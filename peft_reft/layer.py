@@ -49,8 +49,8 @@ class ReftLayer(nn.Module, BaseTunerLayer):
             for _ in range(config.num_groups)
         )
         device = next((p.device for p in self.base_layer.parameters() if not p.is_meta), None)
-        if device is not None:
-            interventions.to(device)
+        if device is not None and not any(p.is_meta for p in interventions.parameters()):
+            interventions.to(device)  # created on meta (low_cpu_mem_usage): the loaded weights are assigned later
         self.reft_interventions[adapter_name] = interventions
         self.set_adapter(self.active_adapters, inference_mode=config.inference_mode)
 

@@ -105,12 +105,13 @@ def group_map_from_locations(locations: torch.Tensor, num_groups: int, batch_siz
     """Group map `[B, L]` from explicit `intervention_locations` (see the module docstring for the layout)."""
     if not isinstance(locations, torch.Tensor) or locations.dtype.is_floating_point or locations.dtype == torch.bool:
         raise ValueError("`intervention_locations` must be an integer tensor of token indices (-1 for an empty slot).")
+    given_shape = list(locations.shape)
     if locations.dim() == 2:
         locations = locations.unsqueeze(1)
     if locations.dim() != 3 or locations.shape[0] != batch_size or locations.shape[1] != num_groups:
         expected = f"[{batch_size}, n_positions]" if num_groups == 1 else f"[{batch_size}, 2, n_positions]"
         raise ValueError(
-            f"`intervention_locations` has shape {list(locations.shape)} but this adapter expects {expected} "
+            f"`intervention_locations` has shape {given_shape} but this adapter expects {expected} "
             f"({num_groups} intervention(s) per layer, batch size {batch_size})."
         )
     _require(

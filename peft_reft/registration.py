@@ -10,9 +10,6 @@ from __future__ import annotations
 
 import sys
 
-from peft.mapping import PEFT_TYPE_TO_CONFIG_MAPPING, PEFT_TYPE_TO_TUNER_MAPPING
-from peft.utils import PeftType, register_peft_method
-
 PEFT_TYPE_NAME = "REFT"
 
 
@@ -36,6 +33,9 @@ def _add_enum_member(enum_cls, name: str):
 
 def register(config_cls, model_cls) -> None:
     """Make `PeftType.REFT` exist and map it to `config_cls`/`model_cls` in peft (idempotent)."""
+    from peft.mapping import PEFT_TYPE_TO_CONFIG_MAPPING, PEFT_TYPE_TO_TUNER_MAPPING
+    from peft.utils import PeftType, register_peft_method
+
     if PEFT_TYPE_NAME not in PeftType.__members__:
         _add_enum_member(PeftType, PEFT_TYPE_NAME)
     peft_type = PeftType[PEFT_TYPE_NAME]

@@ -1,0 +1,54 @@
+"""Tiny models built from configs (no hub access) and shared fixtures."""
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, GPT2Config, LlamaConfig, Qwen2Config
+
+VOCAB = 97
+
+
+def tiny_config(arch: str = "llama", layers: int = 4, hidden: int = 32, initializer_range: float = 0.2):
+    if arch == "llama":
+        return LlamaConfig(
+            vocab_size=VOCAB, hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=layers,
+            num_attention_heads=4, num_key_value_heads=2, initializer_range=initializer_range,
+            pad_token_id=0, bos_token_id=1, eos_token_id=2,
+        )
+    if arch == "qwen2":
+        return Qwen2Config(
+            vocab_size=VOCAB, hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=layers,
+            num_attention_heads=4, num_key_value_heads=2, initializer_range=initializer_range,
+            pad_token_id=0, bos_token_id=1, eos_token_id=2,
+        )
+    if arch == "gpt2":
+        return GPT2Config(
+            vocab_size=VOCAB, n_embd=hidden, n_layer=layers, n_head=4, n_positions=128,
+            initializer_range=initializer_range, pad_token_id=0, bos_token_id=1, eos_token_id=2,
+        )
+    raise ValueError(arch)
+
+
+def tiny_model(arch: str = "llama", seed: int = 0, **kwargs):
+    """A tiny causal LM; the same seed gives the same weights."""
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(tiny_config(arch, **kwargs))
+    return model.eval()
+
+
+def padded_batch(lengths, side="right", seed=0, seq_len=None, vocab=VOCAB):
+    """input_ids/attention_mask for rows of the given lengths, padded on `side` (pad id 0, tokens >= 3)."""
+    g = torch.Generator().manual_seed(seed)
+    seq_len = seq_len or max(lengths)
+    ids = torch.zeros(len(lengths), seq_len, dtype=torch.long)
+    mask = torch.zeros(len(lengths), seq_len, dtype=torch.long)
+    for row, n in enumerate(lengths):
+        tokens = torch.randint(3, vocab, (n,), generator=g)
+        span = slice(0, n) if side == "right" else slice(seq_len - n, seq_len)
+        ids[row, span] = tokens
+        mask[row, span] = 1
+    return ids, mask
+
+
+@pytest.fixture
+def llama():
+    return tiny_model("llama")

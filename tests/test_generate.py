@@ -1,0 +1,136 @@
+"""Generation: prompt positions are edited once, at prefill; decode steps cost what the base model costs."""
+
+import pytest
+import torch
+from conftest import padded_batch, tiny_model
+from peft import get_peft_model
+
+from peft_reft import ReftConfig, ReftLayer
+
+NEW = 6
+
+
+def _model(positions="f2+l2", **kwargs):
+    config = ReftConfig(layers=[0, 2], low_rank_dimension=4, positions=positions, init_weights=False, **kwargs)
+    torch.manual_seed(11)
+    model = get_peft_model(tiny_model(), config).eval()
+    with torch.no_grad():  # make the edit strong enough to change greedy choices
+        for name, param in model.named_parameters():
+            if "learned_source" in name:
+                param.mul_(8.0)
+    return model
+
+
+def _greedy(model, ids, mask, **kwargs):
+    out = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=NEW, do_sample=False, pad_token_id=0,
+                         **kwargs)
+    return out[:, ids.shape[1]:]
+
+
+def _no_cache_reference(model, prompt, everything):
+    """Greedy decoding re-running the whole sequence each step (no KV cache); positions given explicitly."""
+    seq = prompt.clone()
+    n = prompt.shape[1]
+    for _ in range(NEW):
+        if everything:
+            kwargs = {}  # positions='all': derived from the full (unpadded) sequence, every token edited
+        else:
+            kwargs = {"intervention_locations": torch.tensor([[[0, 1], [n - 2, n - 1]]])}  # the prompt's f2+l2
+        with torch.no_grad():
+            logits = model(input_ids=seq, attention_mask=torch.ones_like(seq), **kwargs).logits
+        seq = torch.cat([seq, logits[:, -1:].argmax(-1)], dim=1)
+    return seq[:, n:]
+
+
+@pytest.mark.parametrize("positions", ["f2+l2", "all"])
+def test_cached_generation_equals_no_cache_reference(positions):
+    model = _model(positions)
+    ids, mask = padded_batch([7], seed=4)
+    expected = _no_cache_reference(model, ids, everything=positions == "all")
+    assert torch.equal(_greedy(model, ids, mask), expected)
+    with model.disable_adapter():
+        base = _greedy(model, ids, mask)
+    assert not torch.equal(base, expected)  # the adapter matters for this test to mean anything
+
+
+def test_prompt_positions_are_edited_in_prefill_only():
+    model = _model()
+    seen = []
+    layer = next(m for m in model.modules() if isinstance(m, ReftLayer))
+    original = layer.reft_interventions["default"][0].forward
+
+    def spy(hidden):
+        seen.append(hidden.shape[1])
+        return original(hidden)
+
+    layer.reft_interventions["default"][0].forward = spy
+    ids, mask = padded_batch([7, 5], side="left", seed=4)
+    _greedy(model, ids, mask)
+    assert seen == [ids.shape[1]]  # one call, on the whole prompt; none during the NEW - 1 decode steps
+
+
+def test_all_positions_edit_every_generated_token():
+    model = _model("all")
+    seen = []
+    layer = next(m for m in model.modules() if isinstance(m, ReftLayer))
+    original = layer.reft_interventions["default"][0].forward
+    layer.reft_interventions["default"][0].forward = lambda h: (seen.append(h.shape[1]), original(h))[1]
+    ids, mask = padded_batch([7], seed=4)
+    _greedy(model, ids, mask)
+    assert seen == [7] + [1] * (NEW - 1)
+
+
+@pytest.mark.parametrize("positions", ["f2+l2", "l3", "all"])
+def test_batched_left_padded_equals_each_prompt_alone(positions):
+    model = _model(positions)
+    lengths = [7, 3, 5]
+    ids, mask = padded_batch(lengths, side="left", seed=8)
+    batched = _greedy(model, ids, mask)
+    for row, n in enumerate(lengths):
+        alone = _greedy(model, ids[row:row + 1, -n:], mask[row:row + 1, -n:])
+        assert torch.equal(batched[row], alone[0]), row
+
+
+def test_explicit_locations_equal_derived_in_generate():
+    model = _model()
+    ids, mask = padded_batch([7, 4], side="left", seed=8)
+    # left padding: row 1 starts at index 3
+    locations = torch.tensor([[[0, 1], [5, 6]], [[3, 4], [5, 6]]])
+    assert torch.equal(_greedy(model, ids, mask, intervention_locations=locations), _greedy(model, ids, mask))
+
+
+def test_beam_search_and_num_return_sequences():
+    model = _model()
+    ids, mask = padded_batch([7, 4], side="left", seed=8)
+    beams = _greedy(model, ids, mask, num_beams=3, num_return_sequences=2)
+    assert beams.shape == (4, NEW)
+    for row, n in enumerate([7, 4]):
+        alone = _greedy(model, ids[row:row + 1, -n:], mask[row:row + 1, -n:], num_beams=3, num_return_sequences=2)
+        assert torch.equal(beams[2 * row:2 * row + 2], alone)
+    # the best beam of a 1-beam search is greedy decoding
+    assert torch.equal(_greedy(model, ids, mask, num_beams=1), _greedy(model, ids, mask))
+
+
+def test_positional_input_ids_and_sampling_run():
+    model = _model()
+    ids, mask = padded_batch([5], seed=2)
+    out = model.generate(ids, attention_mask=mask, max_new_tokens=3, do_sample=True, top_k=5, pad_token_id=0)
+    assert out.shape == (1, 8)
+
+
+def test_bf16_base_model_keeps_float32_interventions_and_generates():
+    model = get_peft_model(tiny_model().to(torch.bfloat16), ReftConfig(layers=[0, 2], low_rank_dimension=4))
+    params = [p for n, p in model.named_parameters() if "reft_" in n]
+    assert params and all(p.dtype == torch.float32 for p in params)
+    ids, mask = padded_batch([6], seed=2)
+    mask[0, 2] = 0  # a hole in the mask
+    assert _greedy(model, ids, mask).shape == (1, NEW)
+    model.to(torch.bfloat16)  # casting everything, adapter included, still works (R is orthonormalised in fp32)
+    assert _greedy(model, ids, mask).shape == (1, NEW)
+
+
+def test_unsupported_generate_options_are_rejected():
+    model = _model()
+    ids, mask = padded_batch([5], seed=2)
+    with pytest.raises(ValueError, match=r"does not support `generate\(..., prefill_chunk_size=...\)`"):
+        model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=2, prefill_chunk_size=2)

@@ -1,0 +1,122 @@
+"""Position grammar and the derivation of positions from a batch."""
+
+import itertools
+
+import pytest
+import torch
+from reference import reference_positions
+
+from peft_reft.positions import PositionSpec, intervention_group_map, parse_positions
+
+
+@pytest.mark.parametrize(
+    "text,spec",
+    [("f7", PositionSpec(7, 0)), ("l1", PositionSpec(0, 1)), ("f3+l2", PositionSpec(3, 2)),
+     ("l2+f3", PositionSpec(3, 2)), ("all", PositionSpec(all=True)), (" F3+L2 ", PositionSpec(3, 2))],
+)
+def test_parse_valid(text, spec):
+    assert parse_positions(text) == spec
+
+
+@pytest.mark.parametrize("text", ["", "f0", "l0+f2", "f3+f2", "x3", "f-1", "f3+l2+f1", "first", "f", "f2l3", 7])
+def test_parse_invalid_says_what_is_allowed(text):
+    with pytest.raises(ValueError, match=r"positions=.* is not valid\. Use 'fN' .* 'all'"):
+        parse_positions(text)
+
+
+def test_num_groups():
+    assert PositionSpec(3, 2).num_groups(share_weights=False) == 2
+    assert PositionSpec(3, 2).num_groups(share_weights=True) == 1
+    assert PositionSpec(3, 0).num_groups(share_weights=False) == 1
+    assert PositionSpec(all=True).num_groups(share_weights=False) == 1
+
+
+def _as_windows(group_map_row, two_groups):
+    names = {0: "first", 1: "last"} if two_groups else {0: "first"}
+    return {t: names[g] for t, g in enumerate(group_map_row.tolist()) if g >= 0}
+
+
+@pytest.mark.parametrize("first,last", [(0, 1), (2, 0), (2, 2), (7, 7), (1, 5), (5, 1)])
+def test_derived_positions_match_reference_for_all_prompt_lengths_and_masks(first, last):
+    torch.manual_seed(0)
+    seq_len = 12
+    rows, labels_rows = [], []
+    for prompt_len, completion_len, hole in itertools.product(range(1, 10), (0, 2), (False, True)):
+        mask = torch.zeros(seq_len, dtype=torch.long)
+        start = 1  # one left pad token
+        mask[start:start + prompt_len + completion_len] = 1
+        if hole and prompt_len > 2:
+            mask[start + 1] = 0  # a hole inside the prompt
+        labels = torch.full((seq_len,), -100)
+        if completion_len:
+            labels[start + prompt_len:start + prompt_len + completion_len] = 5
+        rows.append(mask)
+        labels_rows.append(labels)
+    mask, labels = torch.stack(rows), torch.stack(labels_rows)
+    spec = PositionSpec(first, last)
+    group_map = intervention_group_map(spec, False, tuple(mask.shape), attention_mask=mask, labels=labels)
+    for b in range(mask.shape[0]):
+        expected = reference_positions(mask[b].tolist(), labels[b].tolist(), first, last)
+        if first and last:
+            assert _as_windows(group_map[b], True) == expected
+        else:
+            assert set(_as_windows(group_map[b], False)) == set(expected)
+
+
+def test_short_prompt_rule_is_documented_example():
+    # 'f7+l7' on a 3-token prompt: tokens 0, 1 -> first intervention, token 2 -> last
+    mask = torch.ones(1, 3, dtype=torch.long)
+    group_map = intervention_group_map(PositionSpec(7, 7), False, (1, 3), attention_mask=mask)
+    assert group_map.tolist() == [[0, 0, 1]]
+
+
+def test_all_positions_are_the_attended_tokens():
+    mask = torch.tensor([[0, 1, 1, 0, 1]])
+    labels = torch.tensor([[-100, -100, 4, 4, 4]])
+    group_map = intervention_group_map(PositionSpec(all=True), False, (1, 5), attention_mask=mask, labels=labels)
+    assert group_map.tolist() == [[-1, 0, 0, -1, 0]]
+
+
+def test_no_mask_means_every_token_is_prompt():
+    group_map = intervention_group_map(PositionSpec(1, 1), False, (2, 4))
+    assert group_map.tolist() == [[0, -1, -1, 1]] * 2
+
+
+def test_labels_on_first_token_means_no_prompt():
+    mask = torch.ones(2, 4, dtype=torch.long)
+    labels = torch.tensor([[-100, 5, 5, 5], [5, 5, 5, 5]])
+    with pytest.raises(ValueError, match="first attended token already has a label .* positions='all'"):
+        intervention_group_map(PositionSpec(1, 1), False, (2, 4), attention_mask=mask, labels=labels)
+
+
+def test_fully_padded_row_is_allowed_and_untouched():
+    mask = torch.tensor([[1, 1, 1], [0, 0, 0]])
+    labels = torch.tensor([[-100, -100, 5], [-100, -100, -100]])
+    group_map = intervention_group_map(PositionSpec(1, 1), False, (2, 3), attention_mask=mask, labels=labels)
+    assert group_map.tolist() == [[0, 1, -1], [-1, -1, -1]]
+
+
+def test_explicit_locations_two_and_three_dimensional():
+    one_group = torch.tensor([[0, 2, -1], [1, 1, -1]])
+    group_map = intervention_group_map(PositionSpec(2, 0), False, (2, 4), intervention_locations=one_group)
+    assert group_map.tolist() == [[0, -1, 0, -1], [-1, 0, -1, -1]]
+    two_groups = torch.tensor([[[0, -1], [3, 0]], [[1, 2], [2, -1]]])
+    group_map = intervention_group_map(PositionSpec(2, 2), False, (2, 4), intervention_locations=two_groups)
+    # a token listed for both interventions is edited once, by the first
+    assert group_map.tolist() == [[0, -1, -1, 1], [-1, 0, 0, -1]]
+
+
+def test_explicit_locations_errors():
+    with pytest.raises(ValueError, match=r"has shape \[2, 3\] but this adapter expects \[2, 2, n_positions\]"):
+        intervention_group_map(PositionSpec(2, 2), False, (2, 4), intervention_locations=torch.zeros(2, 3).long())
+    with pytest.raises(ValueError, match=r"has shape \[1, 3\] but this adapter expects \[2, n_positions\]"):
+        intervention_group_map(PositionSpec(2, 0), False, (2, 4), intervention_locations=torch.zeros(1, 3).long())
+    with pytest.raises(ValueError, match=r"index outside \[-1, 3\] for a sequence of length 4"):
+        intervention_group_map(PositionSpec(2, 0), False, (1, 4), intervention_locations=torch.tensor([[4]]))
+    with pytest.raises(ValueError, match="must be an integer tensor"):
+        intervention_group_map(PositionSpec(2, 0), False, (1, 4), intervention_locations=torch.tensor([[1.0]]))
+
+
+def test_non_2d_mask_is_rejected():
+    with pytest.raises(ValueError, match=r"2-D attention_mask of shape \[1, 3\], got one of shape \[1, 1, 3, 3\]"):
+        intervention_group_map(PositionSpec(1, 0), False, (1, 3), attention_mask=torch.ones(1, 1, 3, 3))

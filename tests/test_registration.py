@@ -1,0 +1,83 @@
+"""Registration of the REFT tuner type with peft."""
+
+import glob
+import pickle
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from peft.mapping import PEFT_TYPE_TO_CONFIG_MAPPING, PEFT_TYPE_TO_PREFIX_MAPPING, PEFT_TYPE_TO_TUNER_MAPPING
+from peft.utils import PeftType
+
+import peft_reft
+from peft_reft import ReftConfig, ReftModel
+from peft_reft.registration import register
+
+REGISTRATION_FILE = Path(peft_reft.__file__).with_name("registration.py")
+
+
+def test_reft_is_a_real_enum_member():
+    member = PeftType.REFT
+    assert isinstance(member, PeftType) and member == "REFT"
+    assert PeftType("REFT") is member and PeftType["REFT"] is member
+    assert member in list(PeftType) and "REFT" in PeftType.__members__
+    assert pickle.loads(pickle.dumps(member)) is member
+    assert {member: 1}["REFT"] == 1
+    assert str(member).partition(".")[-1] == "REFT"
+
+
+def test_mappings_point_at_reft():
+    assert PEFT_TYPE_TO_CONFIG_MAPPING["REFT"] is ReftConfig
+    assert PEFT_TYPE_TO_TUNER_MAPPING["REFT"] is ReftModel
+    assert PEFT_TYPE_TO_PREFIX_MAPPING["REFT"] == "reft_"
+
+
+def test_register_is_idempotent():
+    members = len(PeftType)
+    register(ReftConfig, ReftModel)
+    register(ReftConfig, ReftModel)
+    assert len(PeftType) == members
+    assert PEFT_TYPE_TO_CONFIG_MAPPING["REFT"] is ReftConfig
+
+
+def test_a_foreign_reft_tuner_is_not_overridden(monkeypatch):
+    class ForeignConfig:  # stands for a future peft's own ReftConfig
+        pass
+
+    monkeypatch.setitem(PEFT_TYPE_TO_CONFIG_MAPPING, PeftType.REFT, ForeignConfig)
+    with pytest.raises(RuntimeError, match=r"peft already has a tuner registered as PeftType.REFT .*ForeignConfig"):
+        register(ReftConfig, ReftModel)
+
+
+ENUM_SCRIPT = r"""
+import enum, importlib.util, pickle, copy, json, sys
+spec = importlib.util.spec_from_file_location("registration", sys.argv[1])
+registration = importlib.util.module_from_spec(spec); spec.loader.exec_module(registration)
+class Kind(str, enum.Enum):
+    A = "A"
+    B = "B"
+member = registration._add_enum_member(Kind, "REFT")
+assert Kind.REFT is member and Kind("REFT") is member and Kind["REFT"] is member
+assert isinstance(member, Kind) and member == "REFT" and hash(member) == hash("REFT")
+assert list(Kind)[-1] is member and len(Kind) == 3 and "REFT" in Kind.__members__
+assert pickle.loads(pickle.dumps(member)) is member and copy.deepcopy(member) is member
+assert json.dumps(member) == '"REFT"' and {member: 1}["REFT"] == 1
+print("ok", sys.version_info[:2])
+"""
+
+
+@pytest.mark.parametrize("python", ["python3.11", "python3.12", "python3.13"])
+def test_enum_extension_works_on_supported_pythons(python):
+    # the enum internals differ between 3.11, 3.12 and 3.13; the check needs only the stdlib, so it runs on any
+    # interpreter found here (pyenv installs them side by side)
+    if python == f"python{sys.version_info[0]}.{sys.version_info[1]}":
+        executable = sys.executable
+    else:
+        found = sorted(glob.glob(str(Path.home() / f".pyenv/versions/{python[6:]}.*/bin/{python}")))
+        executable = found[-1] if found else None
+    if executable is None:
+        pytest.skip(f"{python} is not installed on this machine")
+    result = subprocess.run([executable, "-c", ENUM_SCRIPT, str(REGISTRATION_FILE)], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.startswith("ok")
