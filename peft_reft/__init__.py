@@ -4,6 +4,7 @@ Importing this package registers the `REFT` tuner type with peft, so that `peft.
 `PeftModel.from_pretrained` and TRL's `SFTTrainer(peft_config=ReftConfig(...))` work with ReFT adapters.
 """
 
+from .collator import ReftDataCollator
 from .config import ReftConfig
 from .interventions import INTERVENTIONS, ConsReFT, DiReFT, LoBiReFT, LoReFT, NoDiReFT, NoReFT
 from .layer import ReftLayer
@@ -25,6 +26,7 @@ __all__ = [
     "NoReFT",
     "PositionSpec",
     "ReftConfig",
+    "ReftDataCollator",
     "ReftLayer",
     "ReftModel",
     "parse_positions",

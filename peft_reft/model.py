@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import re
+import warnings
 from typing import Any, Iterator, Optional
 
 import torch
@@ -163,15 +164,13 @@ class ReftModel(BaseTuner):
     def _active_reft_configs(self) -> dict[str, ReftConfig]:
         return {name: self.peft_config[name] for name in self.active_adapters if name in self.peft_config}
 
-    def group_maps(self, input_shape, device, **batch) -> dict[str, torch.Tensor]:
+    def group_maps(self, batch: dict[str, Any]) -> dict[str, torch.Tensor]:
         """Per active adapter, the group map `[batch, seq_len]` of a batch (see `peft_reft.positions`)."""
         maps, by_rule = {}, {}
         for name, config in self._active_reft_configs().items():
             rule = (config.positions, config.share_weights)
             if rule not in by_rule:
-                by_rule[rule] = intervention_group_map(
-                    config.position_spec, config.share_weights, tuple(input_shape), device=device, **batch
-                )
+                by_rule[rule] = intervention_group_map(config.position_spec, config.share_weights, batch)
             maps[name] = by_rule[rule]
         return maps
 
@@ -187,11 +186,10 @@ class ReftModel(BaseTuner):
                 layer.group_maps = None
 
     @staticmethod
-    def _input_shape_and_device(input_ids, inputs_embeds):
-        reference = input_ids if input_ids is not None else inputs_embeds
-        if reference is None:
-            raise ValueError("ReFT needs `input_ids` or `inputs_embeds` to place its interventions.")
-        return tuple(reference.shape[:2]), reference.device
+    def _non_empty_cache(past_key_values) -> bool:
+        return past_key_values is not None and hasattr(past_key_values, "get_seq_length") and (
+            past_key_values.get_seq_length() > 0
+        )
 
     def forward(self, *args: Any, **kwargs: Any):
         """Run the model with the interventions applied at the batch's positions.
@@ -200,39 +198,26 @@ class ReftModel(BaseTuner):
         model) or are derived from `attention_mask` and `labels`.
         """
         locations = kwargs.pop(INTERVENTION_LOCATIONS, None)
-        input_ids = kwargs.get("input_ids", args[0] if args else None)
-        if kwargs.get("past_key_values") is not None and locations is None:
-            past = kwargs["past_key_values"]
-            if hasattr(past, "get_seq_length") and past.get_seq_length() > 0:
-                raise ValueError(
-                    "ReFT cannot derive prompt positions for a forward pass that continues a non-empty KV cache; use "
-                    "`generate` (which edits the prompt once, at prefill) or pass `intervention_locations`."
-                )
-        self._reject_packed_batch(kwargs)
-        shape, device = self._input_shape_and_device(input_ids, kwargs.get("inputs_embeds"))
-        maps = self.group_maps(
-            shape,
-            device,
-            attention_mask=kwargs.get("attention_mask"),
-            labels=kwargs.get("labels"),
-            intervention_locations=locations,
-        )
-        with self._positions(maps):
+        batch = {**kwargs, "input_ids": kwargs.get("input_ids", args[0] if args else None),
+                 INTERVENTION_LOCATIONS: locations}
+        if locations is None and self._non_empty_cache(kwargs.get("past_key_values")):
+            raise ValueError(
+                "ReFT cannot derive prompt positions for a forward pass that continues a non-empty KV cache; use "
+                "`generate` (which edits the prompt once, at prefill) or pass `intervention_locations`."
+            )
+        if self.training and locations is None and kwargs.get("labels") is None:
+            self._warn_unlabelled_training_forward()
+        with self._positions(self.group_maps(batch)):
             return self.model(*args, **kwargs)
 
-    def _reject_packed_batch(self, kwargs: dict) -> None:
-        if kwargs.get("attention_mask") is not None:
-            return
-        packed = any(kwargs.get(key) is not None for key in ("cu_seq_lens_q", "cu_seq_lens_k", "seq_idx"))
-        position_ids = kwargs.get("position_ids")
-        if position_ids is not None and position_ids.shape[-1] > 1:
-            packed = packed or bool((position_ids[..., 1:] == 0).any())
+    def _warn_unlabelled_training_forward(self) -> None:
         prompt_based = any(not c.position_spec.all for c in self._active_reft_configs().values())
-        if packed and prompt_based:
-            raise ValueError(
-                "This batch packs several sequences into one row (padding-free / packing: position_ids restart, no "
-                "attention_mask), so ReFT cannot tell where each prompt is. Train without packing and padding_free "
-                "(SFTConfig(packing=False, padding_free=False)), or use positions='all'."
+        if prompt_based and not getattr(self, "_warned_unlabelled", False):
+            self._warned_unlabelled = True
+            warnings.warn(
+                "ReFT: a training forward pass without `labels` or `intervention_locations` treats every attended token "
+                "as prompt. If the inputs contain completions (e.g. a custom compute_loss_func), use "
+                "`peft_reft.ReftDataCollator` so that each batch carries explicit `intervention_locations`."
             )
 
     # ----------------------------------------------------------------------------------------------- generation
@@ -247,14 +232,15 @@ class ReftModel(BaseTuner):
         for unsupported in ("assistant_model", "prefill_chunk_size"):
             if kwargs.get(unsupported) is not None or getattr(kwargs.get("generation_config"), unsupported, None):
                 raise ValueError(f"ReFT does not support `generate(..., {unsupported}=...)`: it needs one prefill pass.")
-        past = kwargs.get("past_key_values")
-        if past is not None and hasattr(past, "get_seq_length") and past.get_seq_length() > 0:
+        if self._non_empty_cache(kwargs.get("past_key_values")):
             raise ValueError("ReFT cannot continue generation from a non-empty `past_key_values`: pass the full prompt.")
-        input_ids = kwargs.get("input_ids", args[0] if args else None)
-        shape, device = self._input_shape_and_device(input_ids, kwargs.get("inputs_embeds"))
-        prompt_maps = self.group_maps(
-            shape, device, attention_mask=kwargs.get("attention_mask"), intervention_locations=locations
-        )
+        prompt = {
+            "input_ids": kwargs.get("input_ids", args[0] if args else None),
+            "inputs_embeds": kwargs.get("inputs_embeds"),
+            "attention_mask": kwargs.get("attention_mask"),
+            INTERVENTION_LOCATIONS: locations,
+        }
+        prompt_maps = self.group_maps(prompt)
         configs = self._active_reft_configs()
         calls = 0
 
@@ -262,20 +248,20 @@ class ReftModel(BaseTuner):
             nonlocal calls
             calls += 1
             new_ids = call_kwargs.get("input_ids", call_args[0] if call_args else None)
-            call_shape, _ = self._input_shape_and_device(new_ids, call_kwargs.get("inputs_embeds"))
-            if calls == 1:
-                maps = {name: m.repeat_interleave(call_shape[0] // m.shape[0], dim=0) for name, m in prompt_maps.items()}
-            else:
-                maps = {}
+            reference = new_ids if new_ids is not None else call_kwargs["inputs_embeds"]
+            batch_size, new_tokens = reference.shape[:2]
+            if calls == 1:  # prefill: the prompt positions, repeated for beams / num_return_sequences
+                maps = {name: m.repeat_interleave(batch_size // m.shape[0], dim=0) for name, m in prompt_maps.items()}
+            else:  # decode step: only positions='all' edits the new token(s)
                 mask = call_kwargs.get("attention_mask")
-                for name, config in configs.items():
-                    if config.position_spec.all:
-                        attended = (
-                            mask[:, -call_shape[1]:].bool()
-                            if mask is not None and mask.dim() == 2
-                            else torch.ones(call_shape, dtype=torch.bool, device=device)
-                        )
-                        maps[name] = torch.where(attended, 0, -1)
+                step = {"input_ids": reference, "attention_mask": None}
+                if mask is not None and mask.dim() == 2:
+                    step["attention_mask"] = mask[:, -new_tokens:]
+                maps = {
+                    name: intervention_group_map(config.position_spec, config.share_weights, step)
+                    for name, config in configs.items()
+                    if config.position_spec.all
+                }
             for layer in layers:
                 layer.group_maps = maps
 

@@ -5,9 +5,12 @@ Grammar (`ReftConfig.positions`):
 - `"fN"`: the first N prompt tokens; `"lM"`: the last M prompt tokens; `"fN+lM"` (or `"lM+fN"`): both.
 - `"all"`: every attended token, prompt and completion alike (during `generate`, every generated token too).
 
-The *prompt* of an example is the set of its attended tokens (`attention_mask == 1`) that come before its first
-supervised label (`labels != -100`); without labels it is all attended tokens. Tokens are counted among attended
-tokens only, so left padding, right padding and masks with holes give the same positions for the same prompt.
+The *prompt* of an example is the set of its attended tokens (`attention_mask == 1`) that come before its completion,
+the last run of supervised labels (`labels != -100`); without labels it is all attended tokens. For a single-turn
+example that is everything before the first supervised token. For a multi-turn conversation trained with
+`assistant_only_loss` it is the whole conversation up to the last assistant reply, which is exactly the prompt that
+`generate` sees when it answers after the last user turn. Tokens are counted among attended tokens only, so left
+padding, right padding and masks with holes give the same positions for the same prompt.
 
 A prompt of n < N + M tokens: the two windows never overlap, every prompt token is edited exactly once, the first
 window takes `min(N, max(ceil(n / 2), n - M))` tokens and the last window the remaining `min(M, n - first)`.
@@ -27,6 +30,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
+from typing import Any, Mapping
 
 import torch
 
@@ -71,20 +75,23 @@ def _require(ok: torch.Tensor, message: str) -> None:
 
 
 def prompt_mask(attended: torch.Tensor, labels: torch.Tensor | None) -> torch.Tensor:
-    """Bool `[B, L]`: attended tokens before the first supervised label (all attended tokens without labels)."""
+    """Bool `[B, L]`: attended tokens before the last run of supervised labels (all attended tokens without labels)."""
     if labels is None:
         return attended
     supervised = (labels != IGNORE_INDEX) & attended
+    run_starts = supervised.clone()
+    run_starts[:, 1:] &= ~supervised[:, :-1]
     seq_len = labels.shape[1]
     index = torch.arange(seq_len, device=labels.device)
-    first_supervised = torch.where(supervised, index, seq_len).amin(dim=1, keepdim=True)
-    prompt = attended & (index < first_supervised)
+    last_start = torch.where(run_starts, index, -1).amax(dim=1, keepdim=True)
+    prompt = attended & ((index < last_start) | (last_start < 0))
     _require(
         prompt.any(dim=1) | ~attended.any(dim=1),
         "Cannot find the prompt: in some example the first attended token already has a label (labels != -100), so "
-        "there is no prompt/completion split to place 'fN'/'lM' positions on. Use prompt/completion data whose prompt "
-        "labels are -100 (TRL's default completion_only_loss), pass explicit `intervention_locations`, or use "
-        "positions='all' for plain language modelling.",
+        "there is no prompt/completion split to place 'fN'/'lM' positions on (plain language-modelling data, "
+        "completion_only_loss=False, or packed rows that start inside a completion). Use prompt/completion data "
+        "whose prompt labels are -100 (TRL's default), without packing; or pass explicit `intervention_locations`; or "
+        "use positions='all'.",
     )
     return prompt
 
@@ -125,28 +132,64 @@ def group_map_from_locations(locations: torch.Tensor, num_groups: int, batch_siz
     return group_map[:, :seq_len]
 
 
-def intervention_group_map(
-    spec: PositionSpec,
-    share_weights: bool,
-    input_shape: tuple[int, int],
-    attention_mask: torch.Tensor | None = None,
-    labels: torch.Tensor | None = None,
-    intervention_locations: torch.Tensor | None = None,
-    device: torch.device | None = None,
-) -> torch.Tensor:
-    """The group map `[B, L]` of a batch: explicit locations if given, else derived from the mask and labels."""
-    batch_size, seq_len = input_shape
-    if intervention_locations is not None:
-        return group_map_from_locations(intervention_locations, spec.num_groups(share_weights), batch_size, seq_len)
+def _reject_packed_rows(batch: Mapping[str, Any]) -> None:
+    if batch.get("attention_mask") is not None:
+        return
+    packed = any(batch.get(key) is not None for key in ("cu_seq_lens_q", "cu_seq_lens_k", "seq_idx"))
+    position_ids = batch.get("position_ids")
+    if not packed and position_ids is not None and position_ids.shape[-1] > 1:
+        packed = bool((position_ids[..., 1:] == 0).any())
+    if packed:
+        raise ValueError(
+            "This batch packs several sequences into one row (padding-free / packing: position_ids restart, no "
+            "attention_mask), so ReFT cannot tell where each prompt is. Train without packing and padding_free "
+            "(SFTConfig(packing=False, padding_free=False)), or use positions='all'."
+        )
+
+
+def intervention_group_map(spec: PositionSpec, share_weights: bool, batch: Mapping[str, Any]) -> torch.Tensor:
+    """The group map `[B, L]` of a batch: its explicit `intervention_locations` if present, else derived.
+
+    `batch` holds the model inputs: `input_ids` or `inputs_embeds`, and optionally `attention_mask` (2-D), `labels`,
+    `intervention_locations`, `position_ids`. Packed rows (no attention mask, restarting position ids) are rejected
+    for prompt positions, since the prompt of each packed sequence cannot be told apart.
+    """
+    reference = batch.get("input_ids")
+    if reference is None:
+        reference = batch.get("inputs_embeds")
+    if reference is None:
+        raise ValueError("ReFT needs `input_ids` or `inputs_embeds` to place its interventions.")
+    batch_size, seq_len = reference.shape[:2]
+    locations = batch.get("intervention_locations")
+    if locations is not None:
+        return group_map_from_locations(locations, spec.num_groups(share_weights), batch_size, seq_len)
+    attention_mask = batch.get("attention_mask")
     if attention_mask is None:
-        attended = torch.ones(input_shape, dtype=torch.bool, device=device)
-    elif attention_mask.dim() == 2 and tuple(attention_mask.shape) == tuple(input_shape):
+        if not spec.all:
+            _reject_packed_rows(batch)
+        attended = torch.ones(batch_size, seq_len, dtype=torch.bool, device=reference.device)
+    elif attention_mask.dim() == 2 and tuple(attention_mask.shape) == (batch_size, seq_len):
         attended = attention_mask.bool()
     else:
         raise ValueError(
-            f"ReFT derives positions from a 2-D attention_mask of shape {list(input_shape)}, got one of shape "
+            f"ReFT derives positions from a 2-D attention_mask of shape {[batch_size, seq_len]}, got one of shape "
             f"{list(attention_mask.shape)}. Pass the 2-D padding mask, or explicit `intervention_locations`."
         )
     if spec.all:
         return torch.where(attended, 0, -1)
-    return group_map_from_prompt(prompt_mask(attended, labels), spec, share_weights)
+    return group_map_from_prompt(prompt_mask(attended, batch.get("labels")), spec, share_weights)
+
+
+def locations_from_group_map(group_map: torch.Tensor, num_groups: int) -> torch.Tensor:
+    """The explicit `intervention_locations` (`[B, n]`, or `[B, 2, n]` for two groups, -1 padded) of a group map."""
+    seq_len = group_map.shape[1]
+    index = torch.arange(seq_len, device=group_map.device)
+    per_group = []
+    for group in range(num_groups):
+        selected = group_map == group
+        # selected indices first, in order; then the rest (pushed past seq_len and turned into -1)
+        order = torch.where(selected, index, index + seq_len).sort(dim=1).values
+        per_group.append(torch.where(order < seq_len, order, -1))
+    width = max(1, int(max((group_map == g).sum(dim=1).max() for g in range(num_groups))))
+    locations = torch.stack(per_group, dim=1)[..., :width]
+    return locations[:, 0] if num_groups == 1 else locations

@@ -59,8 +59,10 @@ def reference_positions(mask_row, label_row, first, last, everything=False):
         return {i: "first" for i in attended}
     if label_row is not None:
         supervised = [i for i in attended if label_row[i] != -100]
-        if supervised:
-            attended = [i for i in attended if i < supervised[0]]
+        # the completion is the last run of consecutive supervised tokens; the prompt is what precedes it
+        starts = [i for i in supervised if i - 1 not in supervised]
+        if starts:
+            attended = [i for i in attended if i < starts[-1]]
     n = len(attended)
     if n >= first + last:
         n_first, n_last = first, last

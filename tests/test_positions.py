@@ -6,7 +6,7 @@ import pytest
 import torch
 from reference import reference_positions
 
-from peft_reft.positions import PositionSpec, intervention_group_map, parse_positions
+from peft_reft.positions import PositionSpec, intervention_group_map, locations_from_group_map, parse_positions
 
 
 @pytest.mark.parametrize(
@@ -29,6 +29,10 @@ def test_num_groups():
     assert PositionSpec(3, 2).num_groups(share_weights=True) == 1
     assert PositionSpec(3, 0).num_groups(share_weights=False) == 1
     assert PositionSpec(all=True).num_groups(share_weights=False) == 1
+
+
+def _derive(spec, shape, **batch):
+    return intervention_group_map(spec, False, {"input_ids": torch.zeros(shape, dtype=torch.long), **batch})
 
 
 def _as_windows(group_map_row, two_groups):
@@ -54,7 +58,7 @@ def test_derived_positions_match_reference_for_all_prompt_lengths_and_masks(firs
         labels_rows.append(labels)
     mask, labels = torch.stack(rows), torch.stack(labels_rows)
     spec = PositionSpec(first, last)
-    group_map = intervention_group_map(spec, False, tuple(mask.shape), attention_mask=mask, labels=labels)
+    group_map = _derive(spec, tuple(mask.shape), attention_mask=mask, labels=labels)
     for b in range(mask.shape[0]):
         expected = reference_positions(mask[b].tolist(), labels[b].tolist(), first, last)
         if first and last:
@@ -66,19 +70,19 @@ def test_derived_positions_match_reference_for_all_prompt_lengths_and_masks(firs
 def test_short_prompt_rule_is_documented_example():
     # 'f7+l7' on a 3-token prompt: tokens 0, 1 -> first intervention, token 2 -> last
     mask = torch.ones(1, 3, dtype=torch.long)
-    group_map = intervention_group_map(PositionSpec(7, 7), False, (1, 3), attention_mask=mask)
+    group_map = _derive(PositionSpec(7, 7), (1, 3), attention_mask=mask)
     assert group_map.tolist() == [[0, 0, 1]]
 
 
 def test_all_positions_are_the_attended_tokens():
     mask = torch.tensor([[0, 1, 1, 0, 1]])
     labels = torch.tensor([[-100, -100, 4, 4, 4]])
-    group_map = intervention_group_map(PositionSpec(all=True), False, (1, 5), attention_mask=mask, labels=labels)
+    group_map = _derive(PositionSpec(all=True), (1, 5), attention_mask=mask, labels=labels)
     assert group_map.tolist() == [[-1, 0, 0, -1, 0]]
 
 
 def test_no_mask_means_every_token_is_prompt():
-    group_map = intervention_group_map(PositionSpec(1, 1), False, (2, 4))
+    group_map = _derive(PositionSpec(1, 1), (2, 4))
     assert group_map.tolist() == [[0, -1, -1, 1]] * 2
 
 
@@ -86,37 +90,62 @@ def test_labels_on_first_token_means_no_prompt():
     mask = torch.ones(2, 4, dtype=torch.long)
     labels = torch.tensor([[-100, 5, 5, 5], [5, 5, 5, 5]])
     with pytest.raises(ValueError, match="first attended token already has a label .* positions='all'"):
-        intervention_group_map(PositionSpec(1, 1), False, (2, 4), attention_mask=mask, labels=labels)
+        _derive(PositionSpec(1, 1), (2, 4), attention_mask=mask, labels=labels)
+
+
+def test_multi_turn_prompt_is_everything_before_the_last_reply():
+    # system/user (-100), reply 1 (supervised), user (-100), reply 2 (supervised), right padding
+    mask = torch.tensor([[1, 1, 1, 1, 1, 1, 1, 1, 0]])
+    labels = torch.tensor([[-100, -100, 7, 7, -100, -100, 7, 7, -100]])
+    group_map = _derive(PositionSpec(1, 2), (1, 9), attention_mask=mask, labels=labels)
+    assert group_map.tolist() == [[0, -1, -1, -1, 1, 1, -1, -1, -1]]
+    assert reference_positions(mask[0].tolist(), labels[0].tolist(), 1, 2) == {0: "first", 4: "last", 5: "last"}
 
 
 def test_fully_padded_row_is_allowed_and_untouched():
     mask = torch.tensor([[1, 1, 1], [0, 0, 0]])
     labels = torch.tensor([[-100, -100, 5], [-100, -100, -100]])
-    group_map = intervention_group_map(PositionSpec(1, 1), False, (2, 3), attention_mask=mask, labels=labels)
+    group_map = _derive(PositionSpec(1, 1), (2, 3), attention_mask=mask, labels=labels)
     assert group_map.tolist() == [[0, 1, -1], [-1, -1, -1]]
 
 
 def test_explicit_locations_two_and_three_dimensional():
     one_group = torch.tensor([[0, 2, -1], [1, 1, -1]])
-    group_map = intervention_group_map(PositionSpec(2, 0), False, (2, 4), intervention_locations=one_group)
+    group_map = _derive(PositionSpec(2, 0), (2, 4), intervention_locations=one_group)
     assert group_map.tolist() == [[0, -1, 0, -1], [-1, 0, -1, -1]]
     two_groups = torch.tensor([[[0, -1], [3, 0]], [[1, 2], [2, -1]]])
-    group_map = intervention_group_map(PositionSpec(2, 2), False, (2, 4), intervention_locations=two_groups)
+    group_map = _derive(PositionSpec(2, 2), (2, 4), intervention_locations=two_groups)
     # a token listed for both interventions is edited once, by the first
     assert group_map.tolist() == [[0, -1, -1, 1], [-1, 0, 0, -1]]
 
 
 def test_explicit_locations_errors():
     with pytest.raises(ValueError, match=r"has shape \[2, 3\] but this adapter expects \[2, 2, n_positions\]"):
-        intervention_group_map(PositionSpec(2, 2), False, (2, 4), intervention_locations=torch.zeros(2, 3).long())
+        _derive(PositionSpec(2, 2), (2, 4), intervention_locations=torch.zeros(2, 3).long())
     with pytest.raises(ValueError, match=r"has shape \[1, 3\] but this adapter expects \[2, n_positions\]"):
-        intervention_group_map(PositionSpec(2, 0), False, (2, 4), intervention_locations=torch.zeros(1, 3).long())
+        _derive(PositionSpec(2, 0), (2, 4), intervention_locations=torch.zeros(1, 3).long())
     with pytest.raises(ValueError, match=r"index outside \[-1, 3\] for a sequence of length 4"):
-        intervention_group_map(PositionSpec(2, 0), False, (1, 4), intervention_locations=torch.tensor([[4]]))
+        _derive(PositionSpec(2, 0), (1, 4), intervention_locations=torch.tensor([[4]]))
     with pytest.raises(ValueError, match="must be an integer tensor"):
-        intervention_group_map(PositionSpec(2, 0), False, (1, 4), intervention_locations=torch.tensor([[1.0]]))
+        _derive(PositionSpec(2, 0), (1, 4), intervention_locations=torch.tensor([[1.0]]))
 
 
 def test_non_2d_mask_is_rejected():
     with pytest.raises(ValueError, match=r"2-D attention_mask of shape \[1, 3\], got one of shape \[1, 1, 3, 3\]"):
-        intervention_group_map(PositionSpec(1, 0), False, (1, 3), attention_mask=torch.ones(1, 1, 3, 3))
+        _derive(PositionSpec(1, 0), (1, 3), attention_mask=torch.ones(1, 1, 3, 3))
+
+
+@pytest.mark.parametrize("share", [False, True])
+def test_locations_round_trip_through_group_map(share):
+    mask = torch.tensor([[0, 1, 1, 1, 1, 1, 1], [1, 1, 1, 0, 0, 0, 0], [0, 0, 0, 0, 0, 0, 0]])
+    spec = PositionSpec(2, 2)
+    group_map = _derive(spec, (3, 7), attention_mask=mask) if not share else intervention_group_map(
+        spec, True, {"input_ids": torch.zeros(3, 7, dtype=torch.long), "attention_mask": mask})
+    locations = locations_from_group_map(group_map, spec.num_groups(share))
+    if share:
+        assert locations.tolist() == [[1, 2, 5, 6], [0, 1, 2, -1], [-1, -1, -1, -1]]
+    else:
+        assert locations.tolist() == [[[1, 2], [5, 6]], [[0, 1], [2, -1]], [[-1, -1], [-1, -1]]]
+    again = intervention_group_map(spec, share, {"input_ids": torch.zeros(3, 7, dtype=torch.long),
+                                                 "intervention_locations": locations})
+    assert torch.equal(again, group_map)
