@@ -53,5 +53,6 @@ class ReftDataCollator:
         batch = self.collator(examples)
         config = self.reft_config
         group_map = intervention_group_map(config.position_spec, config.share_weights, batch)
-        batch[INTERVENTION_LOCATIONS] = locations_from_group_map(group_map, config.num_groups)
+        locations = locations_from_group_map(group_map, config.num_groups)
+        batch[INTERVENTION_LOCATIONS] = locations[:, 0] if config.num_groups == 1 else locations
         return batch

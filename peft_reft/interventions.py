@@ -80,9 +80,12 @@ class Intervention(nn.Module):
     def edit(self, x: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
 
+    def delta(self, hidden: torch.Tensor) -> torch.Tensor:
+        """`dropout(edit(h))` in the dtype of `hidden`: what the intervention adds to the hidden states."""
+        return self.dropout(self.edit(hidden.to(self.param_dtype))).to(hidden.dtype)
+
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
-        edit = self.edit(hidden.to(self.param_dtype))
-        return hidden + self.dropout(edit).to(hidden.dtype)
+        return hidden + self.delta(hidden)
 
 
 class RotatedIntervention(Intervention):

@@ -16,9 +16,9 @@ class ReftLayer(nn.Module, BaseTunerLayer):
     """Wraps a whole decoder layer (`base_layer`) and edits its output hidden states.
 
     Per adapter, `reft_interventions[adapter]` is a `ModuleList` of the layer's interventions: index g edits the
-    tokens whose group (see `peft_reft.positions`) is g. The group maps of the current call are set by `ReftModel`
-    in `group_maps` (adapter name -> LongTensor `[batch, seq_len]`) for the duration of a forward pass; an empty dict
-    means "edit nothing in this call" (decode steps of `generate`).
+    tokens of group g (see `peft_reft.positions`). The positions of the current call are set by `ReftModel` in
+    `positions` (adapter name -> LongTensor `[batch, groups, P]` of token indices, -1 = empty slot) for the duration
+    of a forward pass; an empty dict means "edit nothing in this call" (decode steps of `generate`).
     """
 
     adapter_layer_names = ("reft_interventions",)
@@ -29,7 +29,7 @@ class ReftLayer(nn.Module, BaseTunerLayer):
         self.base_layer = base_layer
         self.hidden_size = hidden_size
         self.reft_interventions = nn.ModuleDict({})
-        self.group_maps: Optional[dict[str, torch.Tensor]] = None
+        self.positions: Optional[dict[str, torch.Tensor]] = None
         self._active_adapter = adapter_name
         self._disable_adapters = False
         self.merged_adapters = []
@@ -67,7 +67,7 @@ class ReftLayer(nn.Module, BaseTunerLayer):
         output = self.base_layer(hidden_states, *args, **kwargs)
         if self.disable_adapters or not any(name in self.reft_interventions for name in self.active_adapters):
             return output
-        if self.group_maps is None:
+        if self.positions is None:
             raise RuntimeError(
                 "A ReFT layer ran without intervention positions. Call the model through the PeftModel returned by "
                 "`get_peft_model` / `PeftModel.from_pretrained` (its forward and generate supply the positions), not "
@@ -75,18 +75,29 @@ class ReftLayer(nn.Module, BaseTunerLayer):
             )
         hidden = output[0] if isinstance(output, tuple) else output
         for name in self.active_adapters:
-            if name not in self.reft_interventions or name not in self.group_maps:
-                continue
-            group_map = self.group_maps[name]
-            if group_map.shape != hidden.shape[:2]:
-                raise RuntimeError(
-                    f"ReFT positions of shape {list(group_map.shape)} do not match the hidden states "
-                    f"{list(hidden.shape[:2])} of this layer."
-                )
-            for group, intervention in enumerate(self.reft_interventions[name]):
-                selected = (group_map == group).unsqueeze(-1)
-                hidden = torch.where(selected, intervention(hidden), hidden)
+            if name in self.reft_interventions and name in self.positions:
+                hidden = self._edit(hidden, self.reft_interventions[name], self.positions[name])
         return (hidden, *output[1:]) if isinstance(output, tuple) else hidden
+
+    @staticmethod
+    def _edit(hidden: torch.Tensor, interventions: nn.ModuleList, locations: torch.Tensor) -> torch.Tensor:
+        """Add each intervention's delta at its locations (`[B, groups, P]`, -1 = empty) with one gather per group
+        and one scatter; only the selected tokens go through the interventions."""
+        if locations.shape[0] != hidden.shape[0] or locations.shape[1] != len(interventions):
+            raise RuntimeError(
+                f"ReFT positions of shape {list(locations.shape)} do not fit hidden states of shape "
+                f"{list(hidden.shape)} and {len(interventions)} intervention(s) per layer."
+            )
+        width = hidden.shape[-1]
+        index = locations.clamp(min=0)
+        deltas = []
+        for group, intervention in enumerate(interventions):
+            # empty slots read token 0 and add a zero delta, so every intervention runs (DDP needs its gradients)
+            selected = hidden.gather(1, index[:, group, :, None].expand(-1, -1, width))
+            delta = intervention.delta(selected)
+            deltas.append(torch.where(locations[:, group, :, None] >= 0, delta, torch.zeros_like(delta)))
+        flat_index = index.flatten(1)[..., None].expand(-1, -1, width)
+        return hidden.scatter_add(1, flat_index, torch.cat(deltas, dim=1))
 
     def __getattr__(self, name: str) -> Any:
         # model code reads attributes of its decoder layers (e.g. `attention_type`): forward them to the wrapped layer

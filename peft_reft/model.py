@@ -13,7 +13,7 @@ from torch import nn
 
 from .config import ReftConfig
 from .layer import ReftLayer
-from .positions import intervention_group_map
+from .positions import intervention_group_map, locations_from_group_map, positions_per_group
 
 INTERVENTION_LOCATIONS = "intervention_locations"
 
@@ -174,16 +174,31 @@ class ReftModel(BaseTuner):
             maps[name] = by_rule[rule]
         return maps
 
+    def intervention_positions(self, batch: dict[str, Any]) -> dict[str, torch.Tensor]:
+        """Per active adapter, the token indices `[batch, groups, P]` (-1 = empty) its interventions edit.
+
+        P is fixed by the config (e.g. N + M for shared `fN+lM`) or by the width of explicit locations, so nothing is
+        read back from the device.
+        """
+        positions = {}
+        for name, group_map in self.group_maps(batch).items():
+            config = self.peft_config[name]
+            explicit = batch.get(INTERVENTION_LOCATIONS)
+            widths = positions_per_group(config.position_spec, config.share_weights, group_map.shape[1])
+            width = max(widths) if explicit is None else explicit.shape[-1]
+            positions[name] = locations_from_group_map(group_map, config.num_groups, width)
+        return positions
+
     @contextlib.contextmanager
-    def _positions(self, group_maps: Optional[dict[str, torch.Tensor]]) -> Iterator[list[ReftLayer]]:
+    def _positions(self, positions: Optional[dict[str, torch.Tensor]]) -> Iterator[list[ReftLayer]]:
         layers = self._reft_layers()
         for layer in layers:
-            layer.group_maps = group_maps
+            layer.positions = positions
         try:
             yield layers
         finally:
             for layer in layers:
-                layer.group_maps = None
+                layer.positions = None
 
     @staticmethod
     def _non_empty_cache(past_key_values) -> bool:
@@ -207,7 +222,7 @@ class ReftModel(BaseTuner):
             )
         if self.training and locations is None and kwargs.get("labels") is None:
             self._warn_unlabelled_training_forward()
-        with self._positions(self.group_maps(batch)):
+        with self._positions(self.intervention_positions(batch)):
             return self.model(*args, **kwargs)
 
     def _warn_unlabelled_training_forward(self) -> None:
@@ -240,7 +255,7 @@ class ReftModel(BaseTuner):
             "attention_mask": kwargs.get("attention_mask"),
             INTERVENTION_LOCATIONS: locations,
         }
-        prompt_maps = self.group_maps(prompt)
+        prompt_positions = self.intervention_positions(prompt)
         configs = self._active_reft_configs()
         calls = 0
 
@@ -251,19 +266,22 @@ class ReftModel(BaseTuner):
             reference = new_ids if new_ids is not None else call_kwargs["inputs_embeds"]
             batch_size, new_tokens = reference.shape[:2]
             if calls == 1:  # prefill: the prompt positions, repeated for beams / num_return_sequences
-                maps = {name: m.repeat_interleave(batch_size // m.shape[0], dim=0) for name, m in prompt_maps.items()}
+                positions = {
+                    name: p.repeat_interleave(batch_size // p.shape[0], dim=0) for name, p in prompt_positions.items()
+                }
             else:  # decode step: only positions='all' edits the new token(s)
                 mask = call_kwargs.get("attention_mask")
                 step = {"input_ids": reference, "attention_mask": None}
                 if mask is not None and mask.dim() == 2:
                     step["attention_mask"] = mask[:, -new_tokens:]
-                maps = {
-                    name: intervention_group_map(config.position_spec, config.share_weights, step)
+                positions = {
+                    name: locations_from_group_map(intervention_group_map(config.position_spec, False, step), 1,
+                                                   new_tokens)
                     for name, config in configs.items()
                     if config.position_spec.all
                 }
             for layer in layers:
-                layer.group_maps = maps
+                layer.positions = positions
 
         with self._positions({}) as layers:
             handle = self.model.register_forward_pre_hook(set_positions, with_kwargs=True)

@@ -180,16 +180,28 @@ def intervention_group_map(spec: PositionSpec, share_weights: bool, batch: Mappi
     return group_map_from_prompt(prompt_mask(attended, batch.get("labels")), spec, share_weights)
 
 
-def locations_from_group_map(group_map: torch.Tensor, num_groups: int) -> torch.Tensor:
-    """The explicit `intervention_locations` (`[B, n]`, or `[B, 2, n]` for two groups, -1 padded) of a group map."""
+def positions_per_group(spec: PositionSpec, share_weights: bool, seq_len: int) -> list[int]:
+    """The most tokens each intervention can edit in a row, known before looking at the batch."""
+    if spec.all:
+        return [seq_len]
+    if spec.num_groups(share_weights) == 2:
+        return [min(spec.first, seq_len), min(spec.last, seq_len)]
+    return [min(spec.first + spec.last, seq_len)]
+
+
+def locations_from_group_map(group_map: torch.Tensor, num_groups: int, width: int | None = None) -> torch.Tensor:
+    """Token indices `[B, num_groups, width]` of each group in a group map, in order, padded with -1.
+
+    `width=None` uses the largest count in the batch (one host read: for collators); the model passes a static width
+    (`positions_per_group`) so that no device-to-host copy happens in the forward pass.
+    """
     seq_len = group_map.shape[1]
     index = torch.arange(seq_len, device=group_map.device)
+    if width is None:
+        width = max(1, max(int((group_map == g).sum(dim=1).max()) for g in range(num_groups)))
     per_group = []
     for group in range(num_groups):
-        selected = group_map == group
-        # selected indices first, in order; then the rest (pushed past seq_len and turned into -1)
-        order = torch.where(selected, index, index + seq_len).sort(dim=1).values
+        # selected indices first, in order; then the rest (pushed past seq_len, turned into -1)
+        order = torch.where(group_map == group, index, index + seq_len).sort(dim=1).values[:, :width]
         per_group.append(torch.where(order < seq_len, order, -1))
-    width = max(1, int(max((group_map == g).sum(dim=1).max() for g in range(num_groups))))
-    locations = torch.stack(per_group, dim=1)[..., :width]
-    return locations[:, 0] if num_groups == 1 else locations
+    return torch.stack(per_group, dim=1)

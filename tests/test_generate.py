@@ -57,24 +57,24 @@ def test_prompt_positions_are_edited_in_prefill_only():
     model = _model()
     seen = []
     layer = next(m for m in model.modules() if isinstance(m, ReftLayer))
-    original = layer.reft_interventions["default"][0].forward
+    original = layer.reft_interventions["default"][0].delta
 
     def spy(hidden):
-        seen.append(hidden.shape[1])
+        seen.append(tuple(hidden.shape))
         return original(hidden)
 
-    layer.reft_interventions["default"][0].forward = spy
+    layer.reft_interventions["default"][0].delta = spy
     ids, mask = padded_batch([7, 5], side="left", seed=4)
     _greedy(model, ids, mask)
-    assert seen == [ids.shape[1]]  # one call, on the whole prompt; none during the NEW - 1 decode steps
+    assert seen == [(2, 2, 32)]  # one call, on the 2 first-window tokens of each prompt; none in the decode steps
 
 
 def test_all_positions_edit_every_generated_token():
     model = _model("all")
     seen = []
     layer = next(m for m in model.modules() if isinstance(m, ReftLayer))
-    original = layer.reft_interventions["default"][0].forward
-    layer.reft_interventions["default"][0].forward = lambda h: (seen.append(h.shape[1]), original(h))[1]
+    original = layer.reft_interventions["default"][0].delta
+    layer.reft_interventions["default"][0].delta = lambda h: (seen.append(h.shape[1]), original(h))[1]
     ids, mask = padded_batch([7], seed=4)
     _greedy(model, ids, mask)
     assert seen == [7] + [1] * (NEW - 1)

@@ -6,7 +6,13 @@ import pytest
 import torch
 from reference import reference_positions
 
-from peft_reft.positions import PositionSpec, intervention_group_map, locations_from_group_map, parse_positions
+from peft_reft.positions import (
+    PositionSpec,
+    intervention_group_map,
+    locations_from_group_map,
+    parse_positions,
+    positions_per_group,
+)
 
 
 @pytest.mark.parametrize(
@@ -143,9 +149,23 @@ def test_locations_round_trip_through_group_map(share):
         spec, True, {"input_ids": torch.zeros(3, 7, dtype=torch.long), "attention_mask": mask})
     locations = locations_from_group_map(group_map, spec.num_groups(share))
     if share:
-        assert locations.tolist() == [[1, 2, 5, 6], [0, 1, 2, -1], [-1, -1, -1, -1]]
+        assert locations.tolist() == [[[1, 2, 5, 6]], [[0, 1, 2, -1]], [[-1, -1, -1, -1]]]
     else:
         assert locations.tolist() == [[[1, 2], [5, 6]], [[0, 1], [2, -1]], [[-1, -1], [-1, -1]]]
     again = intervention_group_map(spec, share, {"input_ids": torch.zeros(3, 7, dtype=torch.long),
                                                  "intervention_locations": locations})
     assert torch.equal(again, group_map)
+    # the static width the model uses (no host read) pads with -1
+    widths = positions_per_group(spec, share, 7)
+    assert widths == ([4] if share else [2, 2])
+    assert torch.equal(locations_from_group_map(group_map, spec.num_groups(share), widths[0]), locations)
+    wider = locations_from_group_map(group_map, spec.num_groups(share), 6)
+    assert wider.shape[-1] == 6 and (wider[..., locations.shape[-1]:] == -1).all()
+
+
+def test_positions_per_group():
+    assert positions_per_group(PositionSpec(7, 7), False, 100) == [7, 7]
+    assert positions_per_group(PositionSpec(7, 7), True, 100) == [14]
+    assert positions_per_group(PositionSpec(7, 7), True, 10) == [10]
+    assert positions_per_group(PositionSpec(0, 3), False, 100) == [3]
+    assert positions_per_group(PositionSpec(all=True), False, 12) == [12]

@@ -106,14 +106,15 @@ class EditedTokens:
         groups = len(layer.reft_interventions[adapter])
         self._handles = [
             peft_model.get_input_embeddings().register_forward_hook(lambda m, a, o: setattr(self, "_ids", a[0])),
-            layer.register_forward_pre_hook(lambda m, a: self._record(m.group_maps.get(adapter), groups)),
+            layer.register_forward_pre_hook(lambda m, a: self._record(m.positions.get(adapter), groups)),
         ]
 
-    def _record(self, group_map, groups):
-        if group_map is None:
+    def _record(self, locations, groups):
+        if locations is None:
             return
-        for row in range(group_map.shape[0]):
-            self.records.append(tuple(tuple(self._ids[row][group_map[row] == g].tolist()) for g in range(groups)))
+        for row in range(locations.shape[0]):
+            edited = [locations[row, g][locations[row, g] >= 0] for g in range(groups)]
+            self.records.append(tuple(tuple(self._ids[row][index].tolist()) for index in edited))
 
     def remove(self):
         for handle in self._handles:

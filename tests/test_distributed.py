@@ -1,0 +1,115 @@
+"""Two processes over gloo on this CPU: DDP with SFTTrainer, a plain accelerate loop, and examples/sft.py under
+`accelerate launch` (`accelerate launch --cpu --num_processes 2` runs ONE process on a CPU-only machine, so the tests
+use torchrun and `accelerate launch --multi_gpu`)."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from peft import PeftModel
+from safetensors.torch import load_file
+from transformers import AutoModelForCausalLM, LlamaConfig
+
+import peft_reft  # noqa: F401  (registers REFT with peft, needed by PeftModel.from_pretrained)
+
+ROOT = Path(__file__).resolve().parents[1]
+WORKERS = Path(__file__).resolve().parent / "distributed"
+
+
+def _env():
+    return {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT), "TOKENIZERS_PARALLELISM": "false"}
+
+
+def torchrun(script, *args, processes=2, timeout=300):
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(processes),
+               "--master_port", str(29500 + os.getpid() % 1000), str(script), *map(str, args)]
+    result = subprocess.run(command, capture_output=True, text=True, env=_env(), timeout=timeout)
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-4000:]
+    assert "terminate called" not in result.stderr  # clean gloo shutdown
+    return result
+
+
+def single_process(script, *args, timeout=300):
+    result = subprocess.run([sys.executable, str(script), *map(str, args)], capture_output=True, text=True,
+                            env=_env(), timeout=timeout)
+    assert result.returncode == 0, result.stderr[-4000:]
+    return result
+
+
+@pytest.mark.slow
+def test_sft_trainer_ddp_matches_single_process_and_ranks_agree(tmp_path):
+    torchrun(WORKERS / "sft_worker.py", tmp_path / "ddp", 2, 16)
+    single_process(WORKERS / "sft_worker.py", tmp_path / "single", 4, 16)  # same global batch, one process
+    rank0, rank1 = (load_file(tmp_path / "ddp" / f"params-{r}.safetensors") for r in (0, 1))
+    assert rank0.keys() == rank1.keys() and len(rank0) == 12
+    for name in rank0:
+        assert torch.equal(rank0[name], rank1[name]), name  # bit-identical on both ranks
+    ddp_losses = json.loads((tmp_path / "ddp" / "losses-0.json").read_text())
+    single_losses = json.loads((tmp_path / "single" / "losses-0.json").read_text())
+    assert len(ddp_losses) == len(single_losses) == 16
+    # the logged DDP loss is the mean of the two ranks' losses over the same 4 examples: equal up to float sums
+    torch.testing.assert_close(torch.tensor(ddp_losses), torch.tensor(single_losses), rtol=1e-3, atol=1e-3)
+    assert sum(ddp_losses[-4:]) < 0.97 * sum(ddp_losses[:4])
+    assert not (tmp_path / "ddp" / "params-2.safetensors").exists()
+
+    single = load_file(tmp_path / "single" / "params-0.safetensors")
+    for name in rank0:
+        torch.testing.assert_close(rank0[name], single[name], rtol=1e-3, atol=1e-3)
+
+    torch.manual_seed(0)
+    base = AutoModelForCausalLM.from_config(LlamaConfig(
+        vocab_size=97, hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=4,
+        num_key_value_heads=2, initializer_range=0.2, pad_token_id=0, eos_token_id=2, bos_token_id=1,
+    ))
+    loaded = PeftModel.from_pretrained(base, tmp_path / "ddp" / "adapter")
+    for name, param in loaded.named_parameters():
+        if ".reft_interventions." in name:
+            assert torch.equal(param, rank0[name]), name
+
+
+@pytest.mark.slow
+def test_accelerate_loop_syncs_init_grads_and_params_without_hanging(tmp_path):
+    torchrun(WORKERS / "accelerate_worker.py", tmp_path)
+    rank0, rank1 = (torch.load(tmp_path / f"rank-{r}.pt") for r in (0, 1))
+    for key in ("initial", "final"):
+        for name in rank0[key]:
+            assert torch.equal(rank0[key][name], rank1[key][name]), (key, name)
+    for step, (g0, g1) in enumerate(zip(rank0["grads"], rank1["grads"])):
+        for name in g0:
+            assert torch.equal(g0[name], g1[name]), (step, name)
+    assert any(not torch.equal(rank0["initial"][n], rank0["final"][n]) for n in rank0["initial"])
+
+
+@pytest.mark.slow
+def test_sft_example_under_accelerate_launch(tmp_path):
+    torch.manual_seed(0)
+    AutoModelForCausalLM.from_config(LlamaConfig(
+        vocab_size=49152, hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=4,
+        num_key_value_heads=2, initializer_range=0.2,
+    )).save_pretrained(tmp_path / "model")
+    sys.path.insert(0, str(ROOT / "examples"))
+    from smollm2 import smollm2_path
+    from transformers import AutoTokenizer
+
+    AutoTokenizer.from_pretrained(smollm2_path()).save_pretrained(tmp_path / "model")
+    data = tmp_path / "data.jsonl"
+    data.write_text("\n".join(json.dumps({"prompt": f"Question {i}?", "completion": f" Answer {i % 3}."})
+                              for i in range(16)))
+    command = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+               "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+               "--main_process_port", str(29600 + os.getpid() % 1000),
+               str(ROOT / "examples" / "sft.py"), "--model_name_or_path", str(tmp_path / "model"),
+               "--dataset_name", str(data), "--output_dir", str(tmp_path / "out"), "--max_steps", "4",
+               "--per_device_train_batch_size", "2", "--use_cpu", "--report_to", "none", "--save_strategy", "no",
+               "--reft_layers", "0,2", "--reft_rank", "2", "--reft_positions", "f2+l2", "--logging_steps", "1",
+               "--ddp_find_unused_parameters", "false"]
+    result = subprocess.run(command, capture_output=True, text=True, env=_env(), timeout=300)
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-4000:]
+    assert "terminate called" not in result.stderr
+    assert (tmp_path / "out" / "adapter_model.safetensors").exists()
+    assert (tmp_path / "out" / "loss.png").exists()
+    assert json.loads((tmp_path / "out" / "adapter_config.json").read_text())["peft_type"] == "REFT"
