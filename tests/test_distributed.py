@@ -72,6 +72,22 @@ def test_sft_trainer_ddp_matches_single_process_and_ranks_agree(tmp_path):
 
 
 @pytest.mark.slow
+def test_fsdp2_sharded_training_matches_single_process(tmp_path):
+    # accelerate starts FSDP only on GPUs; torch's FSDP2 (`fully_shard`, what accelerate uses) runs on gloo
+    torchrun(WORKERS / "fsdp_worker.py", tmp_path, "fsdp")
+    single_process(WORKERS / "fsdp_worker.py", tmp_path, "single")
+    from safetensors import safe_open
+
+    assert safe_open(tmp_path / "fsdp-0.safetensors", "pt").metadata() == {"sharded": "True"}
+    rank0, rank1, single = (load_file(tmp_path / f) for f in ("fsdp-0.safetensors", "fsdp-1.safetensors",
+                                                                "single-0.safetensors"))
+    assert len(rank0) == 12
+    for name in rank0:
+        assert torch.equal(rank0[name], rank1[name]), name
+        torch.testing.assert_close(rank0[name], single[name], rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.slow
 def test_accelerate_loop_syncs_init_grads_and_params_without_hanging(tmp_path):
     torchrun(WORKERS / "accelerate_worker.py", tmp_path)
     rank0, rank1 = (torch.load(tmp_path / f"rank-{r}.pt") for r in (0, 1))
