@@ -4,13 +4,16 @@ It trains on the ten prompt/completion pairs of pyreft's emoji-chatbot demo thro
 ReftConfig, then shows answers to prompts it never saw (before and after), the share of emoji-only answers, the
 adapter's size next to the model's, and which prompt tokens the interventions edit.
 
-    python examples/quickstart.py            # the full run (about 5 minutes on 2 CPU cores)
+    python examples/quickstart.py            # the full run (a few minutes on 2 CPU cores)
     python examples/quickstart.py --quick    # a smoke run: 3 steps, 2 held-out prompts
 
 Why this configuration works (see examples/README.md): the model must change its *style* for every prompt, so the
 edit has to reach the answer from the prompt's end, where the model decides how to start answering. Editing the last
-prompt tokens (the chat template's `<|im_start|>assistant` header) at a few layers spread over the depth of the model,
-with one shared rank-4 intervention per layer, gives the answer a persistent "emoji mode" without touching any weight.
+prompt tokens (the chat template's `<|im_start|>assistant` header, the same for every prompt) and the first one at
+four layers spread over the depth of the model, with one shared rank-4 intervention per layer, gives the answer a
+persistent "emoji mode" without touching any weight. Training on the first 64 tokens of each example (the style is
+set by the first emoji) makes a step 4x cheaper than on the full answers, and 30 steps stop before the adapter
+memorises the ten answers (more steps drive the loss to 0.01 and generalise worse).
 """
 
 from __future__ import annotations
@@ -123,7 +126,7 @@ def folder_size(path: Path, pattern: str = "*") -> int:
 
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--steps", type=int, default=40, help="training steps (one step = all ten pairs)")
+    parser.add_argument("--steps", type=int, default=30, help="training steps (one step = all ten pairs)")
     parser.add_argument("--layers", default="3,9,15,21", help="comma-separated decoder layers to intervene on")
     parser.add_argument("--rank", type=int, default=4, help="low_rank_dimension of each intervention")
     parser.add_argument("--positions", default="f1+l5", help="ReFT positions, e.g. 'l1', 'f3+l3'")

@@ -164,26 +164,29 @@ class ReftModel(BaseTuner):
     def _active_reft_configs(self) -> dict[str, ReftConfig]:
         return {name: self.peft_config[name] for name in self.active_adapters if name in self.peft_config}
 
-    def group_maps(self, batch: dict[str, Any]) -> dict[str, torch.Tensor]:
-        """Per active adapter, the group map `[batch, seq_len]` of a batch (see `peft_reft.positions`)."""
+    def group_maps(self, batch: dict[str, Any], adapters: Optional[list[str]] = None) -> dict[str, torch.Tensor]:
+        """Per active adapter (or per name in `adapters`), the group map `[batch, seq_len]` of a batch: for each token,
+        the index of the intervention that edits it, or -1 (see `peft_reft.positions`)."""
+        configs = self._active_reft_configs()
         maps, by_rule = {}, {}
-        for name, config in self._active_reft_configs().items():
+        for name in configs if adapters is None else adapters:
+            config = configs[name]
             rule = (config.positions, config.share_weights)
             if rule not in by_rule:
                 by_rule[rule] = intervention_group_map(config.position_spec, config.share_weights, batch)
             maps[name] = by_rule[rule]
         return maps
 
-    def intervention_positions(self, batch: dict[str, Any]) -> dict[str, torch.Tensor]:
-        """Per active adapter, the token indices `[batch, groups, P]` (-1 = empty) its interventions edit.
-
-        P is fixed by the config (e.g. N + M for shared `fN+lM`) or by the width of explicit locations, so nothing is
-        read back from the device.
-        """
+    def intervention_positions(
+        self, batch: dict[str, Any], adapters: Optional[list[str]] = None
+    ) -> dict[str, torch.Tensor]:
+        """Per active adapter (or per name in `adapters`), the token indices `[batch, groups, P]` (-1 = empty) that
+        its interventions edit. P is fixed by the config (e.g. N + M for shared `fN+lM`) or by the width of explicit
+        locations, so nothing is read back from the device."""
+        explicit = batch.get(INTERVENTION_LOCATIONS)
         positions = {}
-        for name, group_map in self.group_maps(batch).items():
+        for name, group_map in self.group_maps(batch, adapters).items():
             config = self.peft_config[name]
-            explicit = batch.get(INTERVENTION_LOCATIONS)
             widths = positions_per_group(config.position_spec, config.share_weights, group_map.shape[1])
             width = max(widths) if explicit is None else explicit.shape[-1]
             positions[name] = locations_from_group_map(group_map, config.num_groups, width)
@@ -256,7 +259,7 @@ class ReftModel(BaseTuner):
             INTERVENTION_LOCATIONS: locations,
         }
         prompt_positions = self.intervention_positions(prompt)
-        configs = self._active_reft_configs()
+        edit_new_tokens = [name for name, config in self._active_reft_configs().items() if config.position_spec.all]
         calls = 0
 
         def set_positions(module, call_args, call_kwargs):
@@ -269,17 +272,12 @@ class ReftModel(BaseTuner):
                 positions = {
                     name: p.repeat_interleave(batch_size // p.shape[0], dim=0) for name, p in prompt_positions.items()
                 }
-            else:  # decode step: only positions='all' edits the new token(s)
+            else:  # decode step: only positions='all' edits the new token(s); prompt positions cost nothing here
                 mask = call_kwargs.get("attention_mask")
                 step = {"input_ids": reference, "attention_mask": None}
                 if mask is not None and mask.dim() == 2:
                     step["attention_mask"] = mask[:, -new_tokens:]
-                positions = {
-                    name: locations_from_group_map(intervention_group_map(config.position_spec, False, step), 1,
-                                                   new_tokens)
-                    for name, config in configs.items()
-                    if config.position_spec.all
-                }
+                positions = self.intervention_positions(step, edit_new_tokens) if edit_new_tokens else {}
             for layer in layers:
                 layer.positions = positions
 
