@@ -115,7 +115,11 @@ def show_intervened_tokens(peft_model, tokenizer, prompt: str) -> None:
         elif group == 1:
             piece = f"\033[1;30;46m{piece}\033[0m" if colour else f"<{piece}>"
         pieces.append(piece)
-    legend = "highlighted" if colour else "[first window] <last window>"
+    two_windows = peft_model.peft_config["default"].num_groups == 2
+    if colour:
+        legend = "highlighted" + (": yellow first window, cyan last window" if two_windows else "")
+    else:
+        legend = "[first window] <last window>" if two_windows else "[edited]"
     print(f"\nTokens the interventions edit ({legend}), {int((group_map >= 0).sum())} of {len(pieces)}:")
     print("".join(pieces))
 

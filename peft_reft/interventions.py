@@ -71,7 +71,7 @@ class Intervention(nn.Module):
     def __init__(self, dropout: float = 0.0, act_fn: str | None = None):
         super().__init__()
         self.act_fn = activation(act_fn)
-        self.dropout = nn.Dropout(dropout)
+        self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
 
     @property
     def param_dtype(self) -> torch.dtype:

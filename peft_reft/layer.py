@@ -94,10 +94,9 @@ class ReftLayer(nn.Module, BaseTunerLayer):
         for group, intervention in enumerate(interventions):
             # empty slots read token 0 and add a zero delta, so every intervention runs (DDP needs its gradients)
             selected = hidden.gather(1, index[:, group, :, None].expand(-1, -1, width))
-            delta = intervention.delta(selected)
-            deltas.append(torch.where(locations[:, group, :, None] >= 0, delta, torch.zeros_like(delta)))
+            deltas.append(torch.where(locations[:, group, :, None] >= 0, intervention.delta(selected), 0.0))
         flat_index = index.flatten(1)[..., None].expand(-1, -1, width)
-        return hidden.scatter_add(1, flat_index, torch.cat(deltas, dim=1))
+        return hidden.scatter_add(1, flat_index, deltas[0] if len(deltas) == 1 else torch.cat(deltas, dim=1))
 
     def __getattr__(self, name: str) -> Any:
         # model code reads attributes of its decoder layers (e.g. `attention_type`): forward them to the wrapped layer

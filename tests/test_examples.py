@@ -37,7 +37,7 @@ def test_quickstart_quick_run(tmp_path):
     assert "before (base model)" in out and "after (ReFT)" in out
     assert "Emoji-only answers to 2 unseen prompts" in out
     assert "trainable params: 18,448" in out and "Adapter on disk:" in out
-    assert "Tokens the interventions edit ([first window] <last window>), 6 of" in out
+    assert "Tokens the interventions edit ([edited]), 6 of" in out  # f1+l5 with shared weights: one window kind
     assert (tmp_path / "adapter" / "adapter_model.safetensors").exists()
     assert (tmp_path / "adapter" / "loss.png").exists()
 
