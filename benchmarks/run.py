@@ -221,8 +221,12 @@ def bench_intervention(widths, pairs) -> list[dict]:
 
 def bench_generation(model_name, device, dtype, pairs) -> list[dict]:
     base = load_model(model_name, device, dtype)
+    # both sides frozen, as for inference (an adapter loaded with PeftModel.from_pretrained is frozen)
     reft = get_peft_model(copy.deepcopy(base), REFT_CONFIGS["b"](base.config.num_hidden_layers)).eval()
-    base.eval()
+    reft.requires_grad_(False)
+    # frozen like the PEFT model's base: with a trainable lm_head torch folds the last-token matmul into one mm, with
+    # a frozen one it runs a slower bmm, which would be charged to ReFT otherwise
+    base.eval().requires_grad_(False)
     g = torch.Generator().manual_seed(1)
     prompts = {"input_ids": torch.randint(10, base.config.vocab_size, (8, PROMPT), generator=g).to(device)}
     prompts["attention_mask"] = torch.ones_like(prompts["input_ids"])

@@ -53,16 +53,28 @@ def activation(act_fn: str | None) -> nn.Module:
 
 
 class OrthonormalRotation(nn.Module):
-    """Holds the unconstrained parameter `weight` (`[r, d]`); calling it returns R with orthonormal rows."""
+    """Holds the unconstrained parameter `weight` (`[r, d]`); calling it returns R with orthonormal rows.
+
+    A frozen `weight` (an adapter loaded for inference) gets R computed once per value and reused; the cache is keyed
+    on the tensor's identity and version, which `load_state_dict` and other in-place copies bump. A trainable weight
+    is orthonormalised on every call: fused optimizers update parameters without bumping their version.
+    """
 
     def __init__(self, hidden_size: int, rank: int):
         super().__init__()
         self.weight = nn.Parameter(torch.empty(rank, hidden_size))
         if not self.weight.is_meta:  # QR has no meta kernel; weights created on meta are loaded afterwards
             nn.init.orthogonal_(self.weight)
+        self._cache: tuple | None = None
 
     def forward(self) -> torch.Tensor:
-        return orthonormal_rows(self.weight)
+        if self.weight.requires_grad:
+            return orthonormal_rows(self.weight)
+        key = (self.weight.data_ptr(), self.weight._version, self.weight.dtype, self.weight.device)
+        if self._cache is None or self._cache[0] != key:
+            with torch.no_grad():
+                self._cache = (key, orthonormal_rows(self.weight))
+        return self._cache[1]
 
 
 class Intervention(nn.Module):

@@ -100,3 +100,30 @@ def test_dropout_applies_to_the_edit_only():
     assert bool((dropped | kept).all()) and dropped.any() and kept.any()
     module.eval()
     torch.testing.assert_close(module(h), h + edit, atol=1e-5, rtol=0)
+
+
+def test_rotation_of_a_frozen_adapter_is_cached_and_follows_loads():
+    module = _build("loreft")
+    module.requires_grad_(False)  # as PeftModel.from_pretrained loads an adapter for inference
+    first = module.rotation
+    assert module.rotation is first  # reused while the weight is unchanged
+    module.load_state_dict({k: v.clone() + 0.1 for k, v in module.state_dict().items()})
+    second = module.rotation
+    assert not torch.allclose(second, first)
+    torch.testing.assert_close(second, orthonormal_rows(module.rotate_layer.weight), atol=1e-6, rtol=0)
+    with torch.no_grad():
+        module.rotate_layer.weight.mul_(-1.0)
+    torch.testing.assert_close(module.rotation, orthonormal_rows(module.rotate_layer.weight), atol=1e-6, rtol=0)
+
+
+def test_trainable_rotation_is_recomputed_even_after_fused_optimizer_steps():
+    module = _build("loreft")
+    with torch.no_grad():
+        before = module.rotation
+    optimizer = torch.optim.AdamW(module.parameters(), lr=0.1, fused=True)  # updates without a version bump
+    module(torch.randn(4, D)).pow(2).sum().backward()
+    optimizer.step()
+    with torch.no_grad():
+        after = module.rotation
+    assert not torch.allclose(after, before)
+    torch.testing.assert_close(after, orthonormal_rows(module.rotate_layer.weight.detach()), atol=1e-6, rtol=0)
