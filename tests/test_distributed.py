@@ -4,6 +4,8 @@ use torchrun and `accelerate launch --multi_gpu`)."""
 
 import json
 import os
+import signal
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -24,13 +26,36 @@ def _env():
     return {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT), "TOKENIZERS_PARALLELISM": "false"}
 
 
-def torchrun(script, *args, processes=2, timeout=300):
-    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(processes),
-               "--master_port", str(29500 + os.getpid() % 1000), str(script), *map(str, args)]
-    result = subprocess.run(command, capture_output=True, text=True, env=_env(), timeout=timeout)
-    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-4000:]
-    assert "terminate called" not in result.stderr  # clean gloo shutdown
-    return result
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def launch(command, timeout=150):
+    """Run a multi-process command in its own process group; on a timeout kill the whole group (no stray ranks) and
+    try once more on a fresh port, since a gloo rendezvous on a loaded 2-core machine can stall; a second timeout
+    fails the test."""
+    for attempt in range(2):
+        command = [str(part).replace("{port}", str(free_port())) for part in command]
+        process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=_env(),
+                                   start_new_session=True)
+        try:
+            stdout, stderr = process.communicate(timeout=timeout)
+            break
+        except subprocess.TimeoutExpired:
+            os.killpg(process.pid, signal.SIGKILL)
+            process.communicate()
+            if attempt == 1:
+                raise
+    assert process.returncode == 0, stdout[-2000:] + stderr[-4000:]
+    assert "terminate called" not in stderr  # clean gloo shutdown
+    return stdout
+
+
+def torchrun(script, *args, processes=2):
+    return launch([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(processes),
+                   "--master_port", "{port}", str(script), *map(str, args)])
 
 
 def single_process(script, *args, timeout=300):
@@ -115,17 +140,13 @@ def test_sft_example_under_accelerate_launch(tmp_path):
     data = tmp_path / "data.jsonl"
     data.write_text("\n".join(json.dumps({"prompt": f"Question {i}?", "completion": f" Answer {i % 3}."})
                               for i in range(16)))
-    command = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
-               "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
-               "--main_process_port", str(29600 + os.getpid() % 1000),
-               str(ROOT / "examples" / "sft.py"), "--model_name_or_path", str(tmp_path / "model"),
-               "--dataset_name", str(data), "--output_dir", str(tmp_path / "out"), "--max_steps", "4",
-               "--per_device_train_batch_size", "2", "--use_cpu", "--report_to", "none", "--save_strategy", "no",
-               "--reft_layers", "0,2", "--reft_rank", "2", "--reft_positions", "f2+l2", "--logging_steps", "1",
-               "--ddp_find_unused_parameters", "false"]
-    result = subprocess.run(command, capture_output=True, text=True, env=_env(), timeout=300)
-    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-4000:]
-    assert "terminate called" not in result.stderr
+    launch([sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+            "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", "{port}",
+            str(ROOT / "examples" / "sft.py"), "--model_name_or_path", str(tmp_path / "model"),
+            "--dataset_name", str(data), "--output_dir", str(tmp_path / "out"), "--max_steps", "4",
+            "--per_device_train_batch_size", "2", "--use_cpu", "--report_to", "none", "--save_strategy", "no",
+            "--reft_layers", "0,2", "--reft_rank", "2", "--reft_positions", "f2+l2", "--logging_steps", "1",
+            "--ddp_find_unused_parameters", "false"])
     assert (tmp_path / "out" / "adapter_model.safetensors").exists()
     assert (tmp_path / "out" / "loss.png").exists()
     assert json.loads((tmp_path / "out" / "adapter_config.json").read_text())["peft_type"] == "REFT"
