@@ -74,13 +74,21 @@ def reference_positions(mask_row, label_row, first, last, everything=False):
     return windows
 
 
+def decoder_layers(model):
+    """The ModuleList holding one block per hidden layer (located independently of peft_reft)."""
+    n = model.config.num_hidden_layers
+    lists = [m for m in model.modules() if isinstance(m, torch.nn.ModuleList) and len(m) == n]
+    assert len(lists) == 1, f"ambiguous layer stack in {type(model).__name__}"
+    return lists[0]
+
+
 def reference_logits(base_model, layer_params, kind, input_ids, attention_mask, labels, first, last,
                      share_weights, everything=False, act_fn=None):
     """Logits of `base_model` with the ReFT edit applied by hooks.
 
     layer_params: {layer_index: {"first": params, "last": params}} (with share_weights, "last" uses "first").
     """
-    layers = base_model.model.layers if hasattr(base_model, "model") else base_model.transformer.h
+    layers = decoder_layers(base_model)
     batch_windows = [
         reference_positions(attention_mask[b].tolist(), None if labels is None else labels[b].tolist(), first, last,
                             everything)
