@@ -129,8 +129,9 @@ class LoReFT(RotatedIntervention):
         return (self.act_fn(self.learned_source(x)) - F.linear(x, rotation)) @ rotation
 
 
-class NoReFT(Intervention):
-    """NoReFT: LoReFT without orthogonality, `h + W2^T (act(W1 h + b) - W2 h)`. Identity at init: `W2 = 0`."""
+class ProjectedIntervention(Intervention):
+    """An intervention without orthogonality: learned source `W1 h + b` and a plain projection `W2` (`proj_layer`).
+    Identity at init: `W2 = 0`, which holds for any activation."""
 
     def __init__(self, hidden_size, rank, dropout=0.0, act_fn=None, init_weights=True):
         super().__init__(dropout, act_fn)
@@ -138,6 +139,10 @@ class NoReFT(Intervention):
         self.proj_layer = nn.Linear(hidden_size, rank, bias=False)
         if init_weights:
             nn.init.zeros_(self.proj_layer.weight)
+
+
+class NoReFT(ProjectedIntervention):
+    """NoReFT: LoReFT without orthogonality, `h + W2^T (act(W1 h + b) - W2 h)`."""
 
     def edit(self, x):
         return (self.act_fn(self.learned_source(x)) - self.proj_layer(x)) @ self.proj_layer.weight
@@ -180,15 +185,8 @@ class DiReFT(RotatedIntervention):
         return self.act_fn(self.learned_source(x)) @ self.rotation
 
 
-class NoDiReFT(Intervention):
-    """NoDiReFT (the paper's DiReFT): `h + W2^T act(W1 h + b)`, no orthogonality. Identity at init: `W2 = 0`."""
-
-    def __init__(self, hidden_size, rank, dropout=0.0, act_fn=None, init_weights=True):
-        super().__init__(dropout, act_fn)
-        self.learned_source = nn.Linear(hidden_size, rank)
-        self.proj_layer = nn.Linear(hidden_size, rank, bias=False)
-        if init_weights:
-            nn.init.zeros_(self.proj_layer.weight)
+class NoDiReFT(ProjectedIntervention):
+    """NoDiReFT (the paper's DiReFT): `h + W2^T act(W1 h + b)`, no orthogonality."""
 
     def edit(self, x):
         return self.act_fn(self.learned_source(x)) @ self.proj_layer.weight
