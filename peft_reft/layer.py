@@ -65,18 +65,22 @@ class ReftLayer(nn.Module, BaseTunerLayer):
 
     def forward(self, hidden_states: torch.Tensor, *args: Any, **kwargs: Any):
         output = self.base_layer(hidden_states, *args, **kwargs)
-        if self.disable_adapters or not any(name in self.reft_interventions for name in self.active_adapters):
+        if self.disable_adapters:
             return output
         if self.positions is None:
-            raise RuntimeError(
-                "A ReFT layer ran without intervention positions. Call the model through the PeftModel returned by "
-                "`get_peft_model` / `PeftModel.from_pretrained` (its forward and generate supply the positions), not "
-                "through the wrapped transformers model."
-            )
+            if any(name in self.reft_interventions for name in self.active_adapters):
+                raise RuntimeError(
+                    "A ReFT layer ran without intervention positions. Call the model through the PeftModel returned "
+                    "by `get_peft_model` / `PeftModel.from_pretrained` (its forward and generate supply the "
+                    "positions), not through the wrapped transformers model."
+                )
+            return output
+        edits = [(name, where) for name, where in self.positions.items() if name in self.reft_interventions]
+        if not edits:
+            return output
         hidden = output[0] if isinstance(output, tuple) else output
-        for name in self.active_adapters:
-            if name in self.reft_interventions and name in self.positions:
-                hidden = self._edit(hidden, self.reft_interventions[name], self.positions[name])
+        for name, locations in edits:
+            hidden = self._edit(hidden, self.reft_interventions[name], locations)
         return (hidden, *output[1:]) if isinstance(output, tuple) else hidden
 
     @staticmethod

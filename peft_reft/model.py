@@ -16,6 +16,7 @@ from .layer import ReftLayer
 from .positions import intervention_group_map, locations_from_group_map, positions_per_group
 
 INTERVENTION_LOCATIONS = "intervention_locations"
+BASE_ADAPTER = "__base__"  # in `adapter_names`: the example runs without any adapter
 
 
 def _text_config(model: nn.Module):
@@ -81,6 +82,7 @@ class ReftModel(BaseTuner):
     prefix: str = "reft_"
     tuner_layer_cls = ReftLayer
     target_module_mapping: dict = {}
+    _batch_adapter_names: Optional[list[str]] = None  # set during a mixed-adapter forward (`adapter_names=[...]`)
 
     # ----------------------------------------------------------------------------------------------- injection
     def _prepare_adapter_config(self, peft_config: ReftConfig, model_config: dict) -> ReftConfig:
@@ -167,10 +169,9 @@ class ReftModel(BaseTuner):
     def group_maps(self, batch: dict[str, Any], adapters: Optional[list[str]] = None) -> dict[str, torch.Tensor]:
         """Per active adapter (or per name in `adapters`), the group map `[batch, seq_len]` of a batch: for each token,
         the index of the intervention that edits it, or -1 (see `peft_reft.positions`)."""
-        configs = self._active_reft_configs()
         maps, by_rule = {}, {}
-        for name in configs if adapters is None else adapters:
-            config = configs[name]
+        for name in self._active_reft_configs() if adapters is None else adapters:
+            config = self.peft_config[name]
             rule = (config.positions, config.share_weights)
             if rule not in by_rule:
                 by_rule[rule] = intervention_group_map(config.position_spec, config.share_weights, batch)
@@ -180,17 +181,57 @@ class ReftModel(BaseTuner):
     def intervention_positions(
         self, batch: dict[str, Any], adapters: Optional[list[str]] = None
     ) -> dict[str, torch.Tensor]:
-        """Per active adapter (or per name in `adapters`), the token indices `[batch, groups, P]` (-1 = empty) that
-        its interventions edit. P is fixed by the config (e.g. N + M for shared `fN+lM`) or by the width of explicit
+        """Per active adapter (per adapter of a mixed batch, or per name in `adapters`), the token indices
+        `[batch, groups, P]` (-1 = empty) that its interventions edit; in a mixed batch, rows of other adapters are
+        empty. P is fixed by the config (e.g. N + M for shared `fN+lM`) or by the width of explicit
         locations, so nothing is read back from the device."""
         explicit = batch.get(INTERVENTION_LOCATIONS)
+        per_example = self._batch_adapter_names
+        if adapters is None and per_example is not None:
+            if len(per_example) != len(self._batch_rows(batch)):
+                raise ValueError(
+                    f"adapter_names has {len(per_example)} entries for a batch of {len(self._batch_rows(batch))} "
+                    "examples; give one adapter name per example."
+                )
+            adapters = sorted(set(per_example) - {BASE_ADAPTER})
         positions = {}
         for name, group_map in self.group_maps(batch, adapters).items():
             config = self.peft_config[name]
             widths = positions_per_group(config.position_spec, config.share_weights, group_map.shape[1])
             width = max(widths) if explicit is None else explicit.shape[-1]
-            positions[name] = locations_from_group_map(group_map, config.num_groups, width)
+            locations = locations_from_group_map(group_map, config.num_groups, width)
+            if per_example is not None:  # mixed batch: rows of other adapters (or the base model) edit nothing
+                rows = torch.tensor([n == name for n in per_example], device=locations.device)
+                rows = rows.repeat_interleave(locations.shape[0] // rows.shape[0])  # beams expand the batch
+                locations = torch.where(rows[:, None, None], locations, -1)
+            positions[name] = locations
         return positions
+
+    @staticmethod
+    def _batch_rows(batch: dict[str, Any]) -> torch.Tensor:
+        return batch["input_ids"] if batch.get("input_ids") is not None else batch["inputs_embeds"]
+
+    @contextlib.contextmanager
+    def _enable_peft_forward_hooks(self, *args: Any, **kwargs: Any):
+        """`adapter_names=[...]` in `forward`/`generate`: example i uses adapter `adapter_names[i]` (`"__base__"`: no
+        adapter), as with LoRA. Called by PeftModel around the forward pass."""
+        adapter_names = kwargs.get("adapter_names")
+        if adapter_names is None:
+            yield
+            return
+        if self.training:
+            raise ValueError("Cannot pass `adapter_names` when the model is in training mode; call `model.eval()`.")
+        unknown = sorted(set(adapter_names) - set(self.peft_config) - {BASE_ADAPTER})
+        if unknown:
+            raise ValueError(
+                f"adapter_names contains {unknown}, which are not adapters of this model; use one of "
+                f"{sorted(self.peft_config)} or {BASE_ADAPTER!r}."
+            )
+        self._batch_adapter_names = list(adapter_names)
+        try:
+            yield
+        finally:
+            self._batch_adapter_names = None
 
     @contextlib.contextmanager
     def _positions(self, positions: Optional[dict[str, torch.Tensor]]) -> Iterator[list[ReftLayer]]:
@@ -259,7 +300,7 @@ class ReftModel(BaseTuner):
             INTERVENTION_LOCATIONS: locations,
         }
         prompt_positions = self.intervention_positions(prompt)
-        edit_new_tokens = [name for name, config in self._active_reft_configs().items() if config.position_spec.all]
+        edit_new_tokens = [name for name in prompt_positions if self.peft_config[name].position_spec.all]
         calls = 0
 
         def set_positions(module, call_args, call_kwargs):
