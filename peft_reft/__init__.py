@@ -10,6 +10,7 @@ from .interventions import INTERVENTIONS, ConsReFT, DiReFT, LoBiReFT, LoReFT, No
 from .layer import ReftLayer
 from .model import ReftModel
 from .positions import PositionSpec, parse_positions
+from .pyreft_import import from_pyreft
 from .registration import register
 
 register(ReftConfig, ReftModel)
@@ -29,5 +30,6 @@ __all__ = [
     "ReftDataCollator",
     "ReftLayer",
     "ReftModel",
+    "from_pyreft",
     "parse_positions",
 ]

@@ -1,0 +1,70 @@
+"""Importing pyreft LoReFT checkpoints: identical outputs to the pyreft formula with the saved tensors."""
+
+import json
+
+import pytest
+import torch
+from conftest import padded_batch, tiny_model
+from peft import PeftModel
+from reference import reference_logits
+
+from peft_reft import from_pyreft
+
+
+def write_pyreft_checkpoint(folder, layers, groups, hidden=32, rank=3, dtype=torch.bfloat16, seed=0):
+    """The layout pyreft's ReftModel.save writes: config.json and one intkey_<key>.bin per LoReFT intervention,
+    whose state dict is {rotate_layer: R^T [d, r], weight: W [r, d], bias: b [r]} (W, b in bf16 by default)."""
+    g = torch.Generator().manual_seed(seed)
+    folder.mkdir(parents=True, exist_ok=True)
+    tensors = {}
+    for layer in layers:
+        for k in range(groups):
+            rotation_t, _ = torch.linalg.qr(torch.randn(hidden, rank, generator=g))
+            state = {"rotate_layer": rotation_t, "weight": (torch.randn(rank, hidden, generator=g) * 2).to(dtype),
+                     "bias": torch.randn(rank, generator=g).to(dtype)}
+            torch.save(state, folder / f"intkey_layer_{layer}_comp_block_output_unit_pos_nunit_1#{k}.bin")
+            tensors[(layer, k)] = state
+    (folder / "config.json").write_text(json.dumps({"representations": [
+        {"layer": layer, "component": "block_output", "low_rank_dimension": rank} for layer in layers]}))
+    return tensors
+
+
+def _as_reference_params(tensors):
+    params = {}
+    for (layer, k), state in tensors.items():
+        params.setdefault(layer, {})["first" if k == 0 else "last"] = {
+            "rotate_layer.weight": state["rotate_layer"].T.double(),
+            "learned_source.weight": state["weight"].double(), "learned_source.bias": state["bias"].double()}
+    return params
+
+
+@pytest.mark.parametrize("positions,groups", [("f2+l2", 2), ("l3", 1)])
+def test_imported_checkpoint_matches_the_pyreft_formula_and_round_trips(tmp_path, positions, groups):
+    tensors = write_pyreft_checkpoint(tmp_path / "pyreft", layers=[1, 3], groups=groups)
+    model = from_pyreft(tiny_model(), tmp_path / "pyreft", positions=positions).eval()
+    ids, mask = padded_batch([7, 4], side="left", seed=5)
+    with torch.no_grad():
+        got = model(input_ids=ids, attention_mask=mask).logits
+    first, last = (2, 2) if groups == 2 else (0, 3)
+    expected = reference_logits(tiny_model(), _as_reference_params(tensors), "loreft", ids, mask, None, first, last,
+                                share_weights=groups == 1)
+    torch.testing.assert_close(got[mask.bool()], expected[mask.bool()], atol=2e-5, rtol=1e-4)
+    model.save_pretrained(tmp_path / "peft")  # now a normal peft adapter: safetensors + JSON
+    with torch.no_grad():
+        loaded = PeftModel.from_pretrained(tiny_model(), tmp_path / "peft")(input_ids=ids, attention_mask=mask)
+    assert torch.equal(loaded.logits, got)
+
+
+def test_trainer_layout_and_errors(tmp_path):
+    write_pyreft_checkpoint(tmp_path / "run" / "intervenable_model", layers=[0], groups=2)  # ReftTrainer.save_model
+    assert from_pyreft(tiny_model(), tmp_path / "run", positions="f1+l1") is not None
+    with pytest.raises(ValueError, match=r"positions='l1' needs 1 intervention\(s\) per layer, the checkpoint has 2"):
+        from_pyreft(tiny_model(), tmp_path / "run", positions="l1")
+    with pytest.raises(ValueError, match="No pyreft intervention files"):
+        from_pyreft(tiny_model(), tmp_path / "empty", positions="l1")
+    folder = tmp_path / "noreft"
+    folder.mkdir()
+    name = "intkey_layer_0_comp_block_output_unit_pos_nunit_1#0.bin"
+    torch.save({"learned_source.weight": torch.zeros(3, 32)}, folder / name)  # a NoReFT-style state dict
+    with pytest.raises(ValueError, match="only LoReFT checkpoints"):
+        from_pyreft(tiny_model(), folder, positions="l1")
