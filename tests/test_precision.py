@@ -3,7 +3,6 @@
 import pytest
 import torch
 from conftest import padded_batch, tiny_model
-from datasets import Dataset
 from peft import PeftModel, get_peft_model
 from test_trl import PAIRS, prompt_completion, reft_config, sft_args
 from test_trl import tiny_model as tiny_chat_model
