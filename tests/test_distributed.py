@@ -79,7 +79,9 @@ def test_sft_trainer_ddp_matches_single_process_and_ranks_agree(tmp_path):
     # the logged DDP loss is the mean of the two ranks' losses over the same 4 examples: equal up to float sums
     torch.testing.assert_close(torch.tensor(ddp_losses), torch.tensor(single_losses), rtol=1e-3, atol=1e-3)
     assert sum(ddp_losses[-4:]) < 0.97 * sum(ddp_losses[:4])
-    assert not (tmp_path / "ddp" / "params-2.safetensors").exists()
+    # only the main process writes the adapter (the Trainer's should_save), and it is there
+    assert [json.loads((tmp_path / "ddp" / f"writes-{r}.json").read_text()) for r in (0, 1)] == [True, False]
+    assert (tmp_path / "ddp" / "adapter" / "adapter_model.safetensors").exists()
 
     single = load_file(tmp_path / "single" / "params-0.safetensors")
     for name in rank0:

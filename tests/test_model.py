@@ -155,7 +155,7 @@ def test_add_set_and_delete_adapter():
     assert not any(".second." in n for n, _ in model.named_parameters())
     model.set_adapter("default")
     assert torch.equal(_logits(model), first)
-    with pytest.raises(ValueError, match="not"):
+    with pytest.raises(ValueError, match="Adapter unknown does not exist"):
         model.delete_adapter("unknown")
 
 

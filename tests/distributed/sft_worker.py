@@ -60,6 +60,7 @@ def main():
     save_file(params, str(out / f"params-{rank}.safetensors"))
     losses = [e["loss"] for e in trainer.state.log_history if "loss" in e]
     (out / f"losses-{rank}.json").write_text(json.dumps(losses))
+    (out / f"writes-{rank}.json").write_text(json.dumps(trainer.args.should_save))  # who writes checkpoints/adapters
     trainer.save_model(str(out / "adapter"))  # the Trainer writes on the main process only
     trainer.accelerator.end_training()  # destroys the process group: no gloo abort at exit
     if dist.is_available() and dist.is_initialized():
