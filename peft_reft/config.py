@@ -11,22 +11,26 @@ from peft.utils import PeftType, TaskType
 from .interventions import INTERVENTIONS, identity_init_problem
 from .positions import PositionSpec, parse_positions
 
-SUPPORTED_TASK_TYPES = (TaskType.CAUSAL_LM,)
-COMPONENTS = ("block_output",)
+SUPPORTED_TASK_TYPES = (TaskType.CAUSAL_LM, TaskType.SEQ_CLS)
+COMPONENTS = ("block_output", "mlp_output", "attention_output")
 
 
 @dataclass
 class ReftConfig(PeftConfig):
     """Configuration of a ReFT (Representation Finetuning) adapter.
 
-    At each chosen decoder layer and each chosen token position, the hidden state `h` leaving the layer is replaced by
-    `intervention(h)`, e.g. LoReFT's `h + R^T (W h + b - R h)`. The base model stays frozen.
+    At each chosen layer and each chosen token position, the hidden state `h` leaving the layer (or its attention or
+    MLP, see `component`) is replaced by `intervention(h)`, e.g. LoReFT's `h + R^T (W h + b - R h)`. The base model
+    stays frozen.
 
     Args:
         layers (`int`, `list[int]` or `"all"`):
-            Indices into the model's stack of decoder layers (found automatically) at which to intervene.
+            Indices into the model's stack of transformer layers (found automatically) at which to intervene.
         component (`str`):
-            Which representation to edit. `"block_output"`: the residual stream leaving the layer.
+            Which representation to edit. `"block_output"` (default): the residual stream leaving the layer.
+            `"attention_output"` / `"mlp_output"`: the output of the layer's attention / MLP submodule, i.e. the
+            branch added to the residual stream (found by name: `self_attn`, `attn`, `attention`, `self_attention` /
+            `mlp`, `feed_forward`, `ffn`). Works with gradient checkpointing.
         low_rank_dimension (`int`):
             The rank r of each intervention, 1 <= r <= hidden size.
         intervention (`str`):
@@ -49,15 +53,23 @@ class ReftConfig(PeftConfig):
             Extra modules to train and save fully (as with LoRA).
         trainable_token_indices (*optional*):
             Token embeddings to train (as with LoRA); TRL sets it when it adds chat-template tokens.
+        task_type (`str`):
+            `"CAUSAL_LM"` (default): positions are taken from each prompt, the tokens before the completion.
+            `"SEQ_CLS"`: sequence classification (encoders such as BERT/RoBERTa, or decoders with a classification
+            head); positions are taken from the whole attended input (the labels are classes, not tokens) and the
+            head (`classifier` / `score`) is trained and saved through `modules_to_save`, as with LoRA.
     """
 
     layers: Union[int, list[int], str] = field(
         default="all",
         metadata={"help": "Decoder-layer indices to intervene on (int, list of ints, or 'all')."},
     )
-    component: Literal["block_output"] = field(
+    component: Literal["block_output", "mlp_output", "attention_output"] = field(
         default="block_output",
-        metadata={"help": "Representation to edit: 'block_output' (the residual stream after the layer)."},
+        metadata={
+            "help": "Representation to edit: 'block_output' (the residual stream after the layer), "
+            "'attention_output' or 'mlp_output' (the output of the layer's attention / MLP submodule)."
+        },
     )
     low_rank_dimension: int = field(
         default=8, metadata={"help": "Rank r of each intervention (1 <= r <= hidden size)."}
@@ -102,7 +114,8 @@ class ReftConfig(PeftConfig):
             self.task_type = TaskType.CAUSAL_LM
         if self.task_type not in SUPPORTED_TASK_TYPES:
             raise ValueError(
-                f"ReftConfig: task_type={self.task_type!r} is not supported; use task_type='CAUSAL_LM' (the default)."
+                f"ReftConfig: task_type={self.task_type!r} is not supported; use 'CAUSAL_LM' (the default) or "
+                "'SEQ_CLS' (sequence classification)."
             )
         self.layers = self._checked_layers(self.layers)
         if self.component not in COMPONENTS:

@@ -1,7 +1,9 @@
-"""`ReftLayer`: a decoder layer wrapped so that its output is edited at the positions of the current call."""
+"""`ReftLayer`: a transformer layer wrapped so that its output (or its attention / MLP output) is edited at the
+positions of the current call."""
 
 from __future__ import annotations
 
+from functools import partial
 from typing import Any, Optional
 
 import torch
@@ -11,25 +13,57 @@ from torch import nn
 from .config import ReftConfig
 from .interventions import build_intervention
 
+# the submodule of a transformer layer whose output each component names, looked up by attribute name
+COMPONENT_SUBMODULES = {
+    "attention_output": ("self_attn", "attn", "attention", "self_attention"),
+    "mlp_output": ("mlp", "feed_forward", "ffn"),
+}
+
+
+def component_module(layer: nn.Module, component: str) -> nn.Module:
+    """The module of `layer` whose output `component` edits: the layer itself for `"block_output"`, else its attention
+    or MLP submodule (found by name, see `COMPONENT_SUBMODULES`)."""
+    if component == "block_output":
+        return layer
+    for name in COMPONENT_SUBMODULES[component]:
+        child = layer._modules.get(name)
+        if child is not None:
+            return child
+    raise ValueError(
+        f"component={component!r} is not available for {type(layer).__name__}: it has no submodule named "
+        f"{' / '.join(COMPONENT_SUBMODULES[component])} (its submodules: {list(layer._modules)}). "
+        "Use component='block_output'."
+    )
+
 
 class ReftLayer(nn.Module, BaseTunerLayer):
-    """Wraps a whole decoder layer (`base_layer`) and edits its output hidden states.
+    """Wraps a whole transformer layer (`base_layer`) and edits its output hidden states, or those of its attention /
+    MLP submodule (`ReftConfig.component`).
 
     Per adapter, `reft_interventions[adapter]` is a `ModuleList` of the layer's interventions: index g edits the
-    tokens of group g (see `peft_reft.positions`). The positions of the current call are set by `ReftModel` in
-    `positions` (adapter name -> LongTensor `[batch, groups, P]` of token indices, -1 = empty slot) for the duration
-    of a forward pass; an empty dict means "edit nothing in this call" (decode steps of `generate`).
+    tokens of group g (see `peft_reft.positions`), and `reft_component[adapter]` names what they edit. The positions
+    of the current call are set by `ReftModel` in `positions` (adapter name -> LongTensor `[batch, groups, P]` of token
+    indices, -1 = empty slot) for the duration of a forward pass; an empty dict means "edit nothing in this call"
+    (decode steps of `generate`).
+
+    Attention / MLP outputs are edited by a forward hook on that submodule, inside the layer. Under gradient
+    checkpointing the layer's inside runs again during backward, after the forward pass is over: a gradient hook on
+    the layer's output hands the positions of *that* forward pass back to the submodule hooks just before the
+    recomputation, so the recomputed edit is the one of the forward pass.
     """
 
     adapter_layer_names = ("reft_interventions",)
-    other_param_names = ()
+    other_param_names = ("reft_component",)
 
     def __init__(self, base_layer: nn.Module, adapter_name: str, config: ReftConfig, hidden_size: int):
         super().__init__()
         self.base_layer = base_layer
         self.hidden_size = hidden_size
         self.reft_interventions = nn.ModuleDict({})
+        self.reft_component: dict[str, str] = {}
         self.positions: Optional[dict[str, torch.Tensor]] = None
+        self._inner_positions: Optional[dict[str, torch.Tensor]] = None  # during the base layer's (re)computation
+        self._component_hooks: dict[str, Any] = {}
         self._active_adapter = adapter_name
         self._disable_adapters = False
         self.merged_adapters = []
@@ -37,6 +71,10 @@ class ReftLayer(nn.Module, BaseTunerLayer):
 
     def update_layer(self, adapter_name: str, config: ReftConfig) -> None:
         """Add the interventions of adapter `adapter_name`, on the device of the wrapped layer, in float32."""
+        component = config.component
+        if component != "block_output" and component not in self._component_hooks:
+            module = component_module(self.base_layer, component)
+            self._component_hooks[component] = module.register_forward_hook(partial(self._edit_component, component))
         interventions = nn.ModuleList(
             build_intervention(
                 config.intervention,
@@ -52,7 +90,14 @@ class ReftLayer(nn.Module, BaseTunerLayer):
         if device is not None and not any(p.is_meta for p in interventions.parameters()):
             interventions.to(device)  # created on meta (low_cpu_mem_usage): the loaded weights are assigned later
         self.reft_interventions[adapter_name] = interventions
+        self.reft_component[adapter_name] = component
         self.set_adapter(self.active_adapters, inference_mode=config.inference_mode)
+
+    def remove_component_hooks(self) -> None:
+        """Detach the hooks on the attention / MLP submodules (when the base layer is handed back by `unload`)."""
+        for handle in self._component_hooks.values():
+            handle.remove()
+        self._component_hooks.clear()
 
     def merge(self, *args: Any, **kwargs: Any) -> None:
         raise NotImplementedError(
@@ -63,10 +108,10 @@ class ReftLayer(nn.Module, BaseTunerLayer):
     def unmerge(self) -> None:
         """Nothing to undo: ReFT adapters are never merged."""
 
-    def forward(self, hidden_states: torch.Tensor, *args: Any, **kwargs: Any):
-        output = self.base_layer(hidden_states, *args, **kwargs)
+    def _edits_of_this_call(self) -> dict[str, torch.Tensor]:
+        """Adapter -> positions for the adapters of this layer that edit in the current call."""
         if self.disable_adapters:
-            return output
+            return {}
         if self.positions is None:
             if any(name in self.reft_interventions for name in self.active_adapters):
                 raise RuntimeError(
@@ -74,12 +119,41 @@ class ReftLayer(nn.Module, BaseTunerLayer):
                     "by `get_peft_model` / `PeftModel.from_pretrained` (its forward and generate supply the "
                     "positions), not through the wrapped transformers model."
                 )
-            return output
-        edits = [(name, where) for name, where in self.positions.items() if name in self.reft_interventions]
-        if not edits:
-            return output
+            return {}
+        return {name: where for name, where in self.positions.items() if name in self.reft_interventions}
+
+    def forward(self, *args: Any, **kwargs: Any):
+        edits = self._edits_of_this_call()
+        inner = {name: where for name, where in edits.items() if self.reft_component[name] != "block_output"}
+        self._inner_positions = inner
+        try:
+            output = self.base_layer(*args, **kwargs)
+        finally:
+            self._inner_positions = None
         hidden = output[0] if isinstance(output, tuple) else output
-        for name, locations in edits:
+        if inner and torch.is_grad_enabled() and hidden.requires_grad:
+            # a checkpointed layer recomputes its inside during backward: give it back this call's positions first
+            hidden.register_hook(partial(self._restore_inner_positions, inner))
+        block = {name: where for name, where in edits.items() if self.reft_component[name] == "block_output"}
+        return self._edit_output(output, block) if block else output
+
+    def _restore_inner_positions(self, inner: dict[str, torch.Tensor], grad: torch.Tensor) -> None:
+        self._inner_positions = inner
+
+    def _edit_component(self, component: str, module: nn.Module, args: Any, output: Any):
+        """Forward hook on the attention / MLP submodule: edit its output for the adapters editing `component`."""
+        if self._inner_positions is None:
+            raise RuntimeError(
+                f"The {component} of a ReFT layer ran outside a call of that layer: call the model through the "
+                "PeftModel, not its submodules."
+            )
+        edits = {name: where for name, where in self._inner_positions.items()
+                 if self.reft_component[name] == component}
+        return self._edit_output(output, edits) if edits else None
+
+    def _edit_output(self, output: Any, edits: dict[str, torch.Tensor]) -> Any:
+        hidden = output[0] if isinstance(output, tuple) else output
+        for name, locations in edits.items():
             hidden = self._edit(hidden, self.reft_interventions[name], locations)
         return (hidden, *output[1:]) if isinstance(output, tuple) else hidden
 
@@ -87,10 +161,11 @@ class ReftLayer(nn.Module, BaseTunerLayer):
     def _edit(hidden: torch.Tensor, interventions: nn.ModuleList, locations: torch.Tensor) -> torch.Tensor:
         """Add each intervention's delta at its locations (`[B, groups, P]`, -1 = empty) with one gather per group
         and one scatter; only the selected tokens go through the interventions."""
-        if locations.shape[0] != hidden.shape[0] or locations.shape[1] != len(interventions):
+        if hidden.dim() != 3 or locations.shape[0] != hidden.shape[0] or locations.shape[1] != len(interventions):
             raise RuntimeError(
                 f"ReFT positions of shape {list(locations.shape)} do not fit hidden states of shape "
-                f"{list(hidden.shape)} and {len(interventions)} intervention(s) per layer."
+                f"{list(hidden.shape)} (expected [batch, seq_len, hidden]) and {len(interventions)} intervention(s) "
+                "per layer."
             )
         width = hidden.shape[-1]
         index = locations.clamp(min=0)

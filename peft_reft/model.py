@@ -1,4 +1,5 @@
-"""`ReftModel`: the peft tuner that wraps decoder layers in `ReftLayer`s and routes intervention positions to them."""
+"""`ReftModel`: the peft tuner that wraps transformer layers (decoder or encoder) in `ReftLayer`s and routes
+intervention positions to them."""
 
 from __future__ import annotations
 
@@ -9,10 +10,11 @@ from typing import Any, Iterator, Optional
 
 import torch
 from peft.tuners.tuners_utils import BaseTuner, _get_submodules, _remove_adapter_name_from_state_dict_key
+from peft.utils import TaskType
 from torch import nn
 
 from .config import ReftConfig
-from .layer import ReftLayer
+from .layer import ReftLayer, component_module
 from .positions import intervention_group_map, locations_from_group_map, positions_per_group
 
 INTERVENTION_LOCATIONS = "intervention_locations"
@@ -24,8 +26,9 @@ def _text_config(model: nn.Module):
     return config.get_text_config() if hasattr(config, "get_text_config") else config
 
 
-def find_decoder_layers(model: nn.Module) -> tuple[str, nn.ModuleList]:
-    """Find the stack of decoder layers: the `ModuleList` of identical blocks with one entry per hidden layer.
+def find_layer_stack(model: nn.Module) -> tuple[str, nn.ModuleList]:
+    """Find the stack of transformer layers (decoder or encoder blocks): the `ModuleList` of identical blocks with one
+    entry per hidden layer.
 
     Works without a per-architecture table: among the module lists of the model whose entries are all of one class,
     it prefers one of `config.num_hidden_layers` entries whose class is in the model's `_no_split_modules`.
@@ -45,7 +48,7 @@ def find_decoder_layers(model: nn.Module) -> tuple[str, nn.ModuleList]:
         candidates.append((score, name, module))
     if not candidates:
         raise ValueError(
-            f"Could not find the decoder layers of {type(model).__name__}: no nn.ModuleList of identical blocks."
+            f"Could not find the transformer layers of {type(model).__name__}: no nn.ModuleList of identical blocks."
         )
     _, name, module = max(candidates, key=lambda c: c[0])
     return name, module
@@ -64,7 +67,7 @@ def hidden_size_of(model: nn.Module) -> int:
 class ReftModel(BaseTuner):
     """Creates a ReFT model from a transformers model (use `peft.get_peft_model` with a `ReftConfig`).
 
-    The decoder layers listed in `ReftConfig.layers` are wrapped in `ReftLayer`. On every forward pass the intervention
+    The layers listed in `ReftConfig.layers` are wrapped in `ReftLayer`. On every forward pass the intervention
     positions of the batch (explicit `intervention_locations`, or derived from `attention_mask` and `labels`, see
     `peft_reft.positions`) are computed once and handed to the layers. `generate` edits the prompt positions in the
     prefill pass only, so decoding costs what the base model costs.
@@ -86,15 +89,18 @@ class ReftModel(BaseTuner):
 
     # ----------------------------------------------------------------------------------------------- injection
     def _prepare_adapter_config(self, peft_config: ReftConfig, model_config: dict) -> ReftConfig:
-        stack_name, stack = find_decoder_layers(self.model)
+        stack_name, stack = find_layer_stack(self.model)
         num_layers = len(stack)
         indices = list(range(num_layers)) if peft_config.layers == "all" else peft_config.layers
         out_of_range = [i for i in indices if not 0 <= i < num_layers]
         if out_of_range:
             raise ValueError(
                 f"ReftConfig: layers={peft_config.layers} has index(es) {out_of_range} out of range: "
-                f"{type(self.model).__name__} has {num_layers} decoder layers (valid indices 0..{num_layers - 1})."
+                f"{type(self.model).__name__} has {num_layers} layers (valid indices 0..{num_layers - 1})."
             )
+        first = stack[indices[0]]
+        # raises if the layers lack the submodule that `component` names
+        component_module(first.get_base_layer() if isinstance(first, ReftLayer) else first, peft_config.component)
         hidden_size = hidden_size_of(self.model)
         if peft_config.low_rank_dimension > hidden_size:
             raise ValueError(
@@ -146,6 +152,7 @@ class ReftModel(BaseTuner):
             self._check_merge_allowed()
         for key, module in list(self.model.named_modules()):
             if isinstance(module, ReftLayer):
+                module.remove_component_hooks()
                 replacement = module.get_base_layer()
             elif hasattr(module, "unload_and_optionally_merge_module"):  # e.g. modules_to_save wrappers
                 replacement = module.unload_and_optionally_merge_module(
@@ -172,9 +179,11 @@ class ReftModel(BaseTuner):
         maps, by_rule = {}, {}
         for name in self._active_reft_configs() if adapters is None else adapters:
             config = self.peft_config[name]
-            rule = (config.positions, config.share_weights)
+            classifies = config.task_type == TaskType.SEQ_CLS  # labels are classes: positions span the whole input
+            rule = (config.positions, config.share_weights, classifies)
             if rule not in by_rule:
-                by_rule[rule] = intervention_group_map(config.position_spec, config.share_weights, batch)
+                rule_batch = {**batch, "labels": None} if classifies else batch
+                by_rule[rule] = intervention_group_map(config.position_spec, config.share_weights, rule_batch)
             maps[name] = by_rule[rule]
         return maps
 
@@ -270,7 +279,9 @@ class ReftModel(BaseTuner):
             return self.model(*args, **kwargs)
 
     def _warn_unlabelled_training_forward(self) -> None:
-        prompt_based = any(not c.position_spec.all for c in self._active_reft_configs().values())
+        prompt_based = any(
+            not c.position_spec.all and c.task_type == TaskType.CAUSAL_LM for c in self._active_reft_configs().values()
+        )
         if prompt_based and not getattr(self, "_warned_unlabelled", False):
             self._warned_unlabelled = True
             warnings.warn(

@@ -83,10 +83,11 @@ def decoder_layers(model):
 
 
 def reference_logits(base_model, layer_params, kind, input_ids, attention_mask, labels, first, last,
-                     share_weights, everything=False, act_fn=None):
+                     share_weights, everything=False, act_fn=None, submodule=None):
     """Logits of `base_model` with the ReFT edit applied by hooks.
 
     layer_params: {layer_index: {"first": params, "last": params}} (with share_weights, "last" uses "first").
+    submodule: None edits the layer's output; a name (e.g. "mlp") edits the output of that child of the layer.
     """
     layers = decoder_layers(base_model)
     batch_windows = [
@@ -105,7 +106,8 @@ def reference_logits(base_model, layer_params, kind, input_ids, attention_mask, 
                     edited = reference_edit(kind, params[which], hidden[b, t].double(), act_fn)
                     hidden[b, t] = edited.to(hidden.dtype)
             return (hidden, *output[1:]) if isinstance(output, tuple) else hidden
-        handles.append(layers[index].register_forward_hook(hook))
+        target = layers[index] if submodule is None else getattr(layers[index], submodule)
+        handles.append(target.register_forward_hook(hook))
     try:
         with torch.no_grad():
             return base_model(input_ids=input_ids, attention_mask=attention_mask).logits

@@ -47,12 +47,14 @@ def test_json_round_trip(tmp_path):
 @pytest.mark.parametrize(
     "kwargs,message",
     [
-        ({"task_type": "SEQ_2_SEQ_LM"}, r"task_type='SEQ_2_SEQ_LM' is not supported; use task_type='CAUSAL_LM'"),
+        ({"task_type": "SEQ_2_SEQ_LM"},
+         r"task_type='SEQ_2_SEQ_LM' is not supported; use 'CAUSAL_LM' \(the default\) or 'SEQ_CLS'"),
         ({"layers": []}, r"layers=\[\] must be an int, a non-empty list of ints, or 'all'"),
         ({"layers": "some"}, r"layers='some' must be an int"),
         ({"layers": [1.5]}, r"layers=\[1.5\] must be an int"),
         ({"layers": [2, 2]}, r"layers=\[2, 2\] lists a layer more than once"),
-        ({"component": "mlp_input"}, r"component='mlp_input' is not supported; use one of \('block_output',\)"),
+        ({"component": "mlp_input"},
+         r"component='mlp_input' is not supported; use one of \('block_output', 'mlp_output', 'attention_output'\)"),
         ({"low_rank_dimension": 0}, r"low_rank_dimension=0 must be an integer >= 1"),
         ({"low_rank_dimension": 2.0}, r"low_rank_dimension=2.0 must be an integer >= 1"),
         ({"intervention": "lora"}, r"intervention='lora' is unknown; use one of \['loreft', 'noreft'"),

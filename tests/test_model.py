@@ -221,7 +221,7 @@ def test_inputs_embeds_work_like_input_ids():
 
 def test_layer_index_out_of_range():
     with pytest.raises(ValueError, match=r"layers=\[1, 4\] has index\(es\) \[4\] out of range: LlamaForCausalLM has 4 "
-                                         r"decoder layers \(valid indices 0..3\)"):
+                                         r"layers \(valid indices 0..3\)"):
         get_peft_model(tiny_model(), _config(layers=[1, 4]))
 
 

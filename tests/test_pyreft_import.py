@@ -11,7 +11,8 @@ from reference import reference_logits
 from peft_reft import from_pyreft
 
 
-def write_pyreft_checkpoint(folder, layers, groups, hidden=32, rank=3, dtype=torch.bfloat16, seed=0):
+def write_pyreft_checkpoint(folder, layers, groups, hidden=32, rank=3, dtype=torch.bfloat16, seed=0,
+                            component="block_output"):
     """The layout pyreft's ReftModel.save writes: config.json and one intkey_<key>.bin per LoReFT intervention,
     whose state dict is {rotate_layer: R^T [d, r], weight: W [r, d], bias: b [r]} (W, b in bf16 by default)."""
     g = torch.Generator().manual_seed(seed)
@@ -22,10 +23,10 @@ def write_pyreft_checkpoint(folder, layers, groups, hidden=32, rank=3, dtype=tor
             rotation_t, _ = torch.linalg.qr(torch.randn(hidden, rank, generator=g))
             state = {"rotate_layer": rotation_t, "weight": (torch.randn(rank, hidden, generator=g) * 2).to(dtype),
                      "bias": torch.randn(rank, generator=g).to(dtype)}
-            torch.save(state, folder / f"intkey_layer_{layer}_comp_block_output_unit_pos_nunit_1#{k}.bin")
+            torch.save(state, folder / f"intkey_layer_{layer}_comp_{component}_unit_pos_nunit_1#{k}.bin")
             tensors[(layer, k)] = state
     (folder / "config.json").write_text(json.dumps({"representations": [
-        {"layer": layer, "component": "block_output", "low_rank_dimension": rank} for layer in layers]}))
+        {"layer": layer, "component": component, "low_rank_dimension": rank} for layer in layers]}))
     return tensors
 
 
@@ -38,16 +39,20 @@ def _as_reference_params(tensors):
     return params
 
 
-@pytest.mark.parametrize("positions,groups", [("f2+l2", 2), ("l3", 1)])
-def test_imported_checkpoint_matches_the_pyreft_formula_and_round_trips(tmp_path, positions, groups):
-    tensors = write_pyreft_checkpoint(tmp_path / "pyreft", layers=[1, 3], groups=groups)
+@pytest.mark.parametrize("positions,groups,component", [
+    ("f2+l2", 2, "block_output"), ("l3", 1, "block_output"), ("f2+l2", 2, "mlp_output"),
+    ("l3", 1, "attention_output"),
+])
+def test_imported_checkpoint_matches_the_pyreft_formula_and_round_trips(tmp_path, positions, groups, component):
+    tensors = write_pyreft_checkpoint(tmp_path / "pyreft", layers=[1, 3], groups=groups, component=component)
     model = from_pyreft(tiny_model(), tmp_path / "pyreft", positions=positions).eval()
     ids, mask = padded_batch([7, 4], side="left", seed=5)
     with torch.no_grad():
         got = model(input_ids=ids, attention_mask=mask).logits
     first, last = (2, 2) if groups == 2 else (0, 3)
+    submodule = {"block_output": None, "mlp_output": "mlp", "attention_output": "self_attn"}[component]
     expected = reference_logits(tiny_model(), _as_reference_params(tensors), "loreft", ids, mask, None, first, last,
-                                share_weights=groups == 1)
+                                share_weights=groups == 1, submodule=submodule)
     torch.testing.assert_close(got[mask.bool()], expected[mask.bool()], atol=2e-5, rtol=1e-4)
     model.save_pretrained(tmp_path / "peft")  # now a normal peft adapter: safetensors + JSON
     with torch.no_grad():
@@ -68,3 +73,10 @@ def test_trainer_layout_and_errors(tmp_path):
     torch.save({"learned_source.weight": torch.zeros(3, 32)}, folder / name)  # a NoReFT-style state dict
     with pytest.raises(ValueError, match="only LoReFT checkpoints"):
         from_pyreft(tiny_model(), folder, positions="l1")
+    write_pyreft_checkpoint(tmp_path / "mixed", layers=[0], groups=1, component="mlp_output")
+    write_pyreft_checkpoint(tmp_path / "mixed", layers=[1], groups=1)
+    with pytest.raises(ValueError, match=r"mixes components \['block_output', 'mlp_output'\]"):
+        from_pyreft(tiny_model(), tmp_path / "mixed", positions="l1")
+    write_pyreft_checkpoint(tmp_path / "value", layers=[0], groups=1, component="value_output")
+    with pytest.raises(ValueError, match=r"component 'value_output' is not supported; use one of \('block_output'"):
+        from_pyreft(tiny_model(), tmp_path / "value", positions="l1")

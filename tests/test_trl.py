@@ -227,8 +227,9 @@ def test_evaluate(tokenizer, tmp_path, use_collator):
 
 
 @pytest.mark.parametrize("use_reentrant", [True, False])
-def test_gradient_checkpointing(tokenizer, tmp_path, use_reentrant):
-    trainer = train(tokenizer, tmp_path, gradient_checkpointing=True,
+@pytest.mark.parametrize("component", ["block_output", "mlp_output", "attention_output"])
+def test_gradient_checkpointing(tokenizer, tmp_path, use_reentrant, component):
+    trainer = train(tokenizer, tmp_path, config=reft_config(component=component), gradient_checkpointing=True,
                     gradient_checkpointing_kwargs={"use_reentrant": use_reentrant})
     assert_learns(trainer)
 

@@ -1,0 +1,139 @@
+"""`task_type="SEQ_CLS"`: encoders (BERT, RoBERTa) and a decoder with a classification head. Positions are counted
+over the attended input (class labels never move them), the logits match the independent reference, the head trains
+and saves through `modules_to_save`, and the HF `Trainer` trains the whole thing."""
+
+import pytest
+import torch
+from conftest import padded_batch
+from datasets import Dataset
+from peft import PeftModel, get_peft_model
+from reference import raw_params, reference_logits
+from transformers import (
+    AutoModelForSequenceClassification,
+    BertConfig,
+    DataCollatorWithPadding,
+    LlamaConfig,
+    RobertaConfig,
+    Trainer,
+    TrainingArguments,
+)
+
+from peft_reft import ReftConfig
+
+ENCODER = {"vocab_size": 97, "hidden_size": 32, "num_hidden_layers": 3, "num_attention_heads": 4,
+           "intermediate_size": 64, "pad_token_id": 0, "num_labels": 3, "initializer_range": 0.2,
+           "hidden_dropout_prob": 0.0, "attention_probs_dropout_prob": 0.0}  # dropout swamps a model this small
+CONFIGS = {
+    "bert": lambda: BertConfig(**ENCODER),
+    "roberta": lambda: RobertaConfig(**ENCODER, max_position_embeddings=64),
+    "llama": lambda: LlamaConfig(vocab_size=97, hidden_size=32, intermediate_size=64, num_hidden_layers=3,
+                                 num_attention_heads=4, num_key_value_heads=2, pad_token_id=0, num_labels=3,
+                                 initializer_range=0.2),
+}
+HEAD = {"bert": "classifier", "roberta": "classifier", "llama": "score"}
+
+
+def _model(arch, seed=0):
+    torch.manual_seed(seed)
+    return AutoModelForSequenceClassification.from_config(CONFIGS[arch]()).eval()
+
+
+def _config(**kwargs):
+    defaults = {"task_type": "SEQ_CLS", "layers": [0, 2], "low_rank_dimension": 3, "positions": "f2+l2",
+                "init_weights": False}
+    return ReftConfig(**{**defaults, **kwargs})
+
+
+@pytest.mark.parametrize("arch", list(CONFIGS))
+@pytest.mark.parametrize("side", ["left", "right"])
+def test_logits_match_reference_and_class_labels_do_not_move_positions(arch, side):
+    model = get_peft_model(_model(arch), _config()).eval()
+    ids, mask = padded_batch([7, 3, 5], side=side, seed=4)
+    labels = torch.tensor([2, 0, 1])
+    with torch.no_grad():
+        out = model(input_ids=ids, attention_mask=mask, labels=labels)
+        unlabelled = model(input_ids=ids, attention_mask=mask).logits
+    expected = reference_logits(_model(arch), raw_params(model), "loreft", ids, mask, None, 2, 2, False)
+    torch.testing.assert_close(out.logits, expected, atol=2e-5, rtol=1e-4)
+    torch.testing.assert_close(unlabelled, out.logits)
+    assert torch.isclose(out.loss, torch.nn.functional.cross_entropy(out.logits, labels))
+    with torch.no_grad():
+        plain = _model(arch)(input_ids=ids, attention_mask=mask).logits
+    assert (out.logits - plain).abs().max() > 1e-3
+
+
+def test_roberta_prefix_only_positions():
+    # the paper's GLUE setting for RoBERTa edits a prefix only; the head reads <s>, the first token
+    model = get_peft_model(_model("roberta"), _config(positions="f1", layers=[1, 2])).eval()
+    ids, mask = padded_batch([6, 4], side="right", seed=2)
+    with torch.no_grad():
+        got = model(input_ids=ids, attention_mask=mask).logits
+    expected = reference_logits(_model("roberta"), raw_params(model), "loreft", ids, mask, None, 1, 0, False)
+    torch.testing.assert_close(got, expected, atol=2e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("arch", list(CONFIGS))
+def test_head_is_trainable_and_round_trips(arch, tmp_path):
+    model = get_peft_model(_model(arch), _config())
+    trainable = {name for name, p in model.named_parameters() if p.requires_grad}
+    assert any(f"{HEAD[arch]}.modules_to_save.default." in name for name in trainable), trainable
+    assert all("reft_interventions" in name or f"{HEAD[arch]}." in name for name in trainable), trainable
+    with torch.no_grad():  # make the saved head differ from the freshly initialised one
+        for name, p in model.named_parameters():
+            if f"{HEAD[arch]}.modules_to_save" in name:
+                p.add_(0.5)
+    model.eval()
+    ids, mask = padded_batch([5, 3], side="right", seed=7)
+    with torch.no_grad():
+        expected = model(input_ids=ids, attention_mask=mask).logits
+    model.save_pretrained(tmp_path)
+    loaded = PeftModel.from_pretrained(_model(arch), tmp_path).eval()
+    assert loaded.peft_config["default"].task_type == "SEQ_CLS"
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(input_ids=ids, attention_mask=mask).logits, expected)
+
+
+def _token_task(n, seed):
+    """Label = which of the marker tokens 5, 6, 7 appears among the first three tokens (the rest is noise)."""
+    g = torch.Generator().manual_seed(seed)
+    rows = []
+    for _ in range(n):
+        length = int(torch.randint(4, 10, (1,), generator=g))
+        ids = torch.randint(10, 97, (length,), generator=g)
+        label = int(torch.randint(0, 3, (1,), generator=g))
+        ids[int(torch.randint(0, 3, (1,), generator=g))] = 5 + label
+        rows.append({"input_ids": ids.tolist(), "labels": label})
+    return Dataset.from_list(rows)
+
+
+def test_hf_trainer_trains_the_interventions_and_the_head(tmp_path):
+    base = _model("bert")
+    frozen = {name: p.detach().clone() for name, p in base.named_parameters()}
+    model = get_peft_model(base, _config(layers="all", low_rank_dimension=4, positions="f3+l3"))
+    head_before = model.base_model.model.classifier.modules_to_save["default"].weight.detach().clone()
+
+    class Collator(DataCollatorWithPadding):  # pads input_ids/attention_mask with 0 (tiny model, no tokenizer)
+        def __call__(self, features):
+            width = max(len(f["input_ids"]) for f in features)
+            ids = torch.tensor([f["input_ids"] + [0] * (width - len(f["input_ids"])) for f in features])
+            return {"input_ids": ids, "attention_mask": (ids != 0).long(),
+                    "labels": torch.tensor([f["labels"] for f in features])}
+
+    args = TrainingArguments(output_dir=str(tmp_path), max_steps=80, per_device_train_batch_size=16,
+                             learning_rate=2e-2, logging_steps=5, use_cpu=True, report_to=[], save_strategy="no",
+                             seed=0)
+    trainer = Trainer(model=model, args=args, train_dataset=_token_task(640, 0), data_collator=Collator(None))
+    trainer.train()
+
+    losses = [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
+    assert losses[-1] < 0.5 * losses[0], losses
+    test = Collator(None)(list(_token_task(200, 1)))
+    model.eval()
+    with torch.no_grad():
+        accuracy = (model(**test).logits.argmax(-1) == test["labels"]).float().mean().item()
+    assert accuracy > 0.8, accuracy
+    head = model.base_model.model.classifier
+    assert not torch.equal(head.modules_to_save["default"].weight, head_before)
+    for name, p in model.base_model.model.named_parameters():  # the base model stayed frozen
+        if name in frozen:
+            assert torch.equal(p, frozen[name]), name
