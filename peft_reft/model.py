@@ -19,6 +19,7 @@ from .positions import intervention_group_map, locations_from_group_map, positio
 
 INTERVENTION_LOCATIONS = "intervention_locations"
 BASE_ADAPTER = "__base__"  # in `adapter_names`: the example runs without any adapter
+CLASSIFIER_MODULE_NAMES = ("classifier", "score")  # the heads peft's SEQ_CLS model adds to `modules_to_save`
 
 
 def _text_config(model: nn.Module):
@@ -89,6 +90,7 @@ class ReftModel(BaseTuner):
 
     # ----------------------------------------------------------------------------------------------- injection
     def _prepare_adapter_config(self, peft_config: ReftConfig, model_config: dict) -> ReftConfig:
+        self._check_task_type(peft_config)
         stack_name, stack = find_layer_stack(self.model)
         num_layers = len(stack)
         indices = list(range(num_layers)) if peft_config.layers == "all" else peft_config.layers
@@ -109,6 +111,23 @@ class ReftModel(BaseTuner):
             )
         peft_config.target_modules = rf"{re.escape(stack_name)}\.({'|'.join(str(i) for i in indices)})"
         return peft_config
+
+    def _check_task_type(self, peft_config: ReftConfig) -> None:
+        name = type(self.model).__name__
+        if peft_config.task_type == TaskType.CAUSAL_LM and hasattr(self.model, "can_generate") and (
+            not self.model.can_generate()
+        ):
+            raise ValueError(
+                f"ReftConfig(task_type='CAUSAL_LM') needs a model that generates text, and {name} does not. For a "
+                "model with a classification head (e.g. AutoModelForSequenceClassification) use task_type='SEQ_CLS'."
+            )
+        if peft_config.task_type == TaskType.SEQ_CLS and not any(
+            head in self.model._modules for head in CLASSIFIER_MODULE_NAMES
+        ):
+            raise ValueError(
+                f"ReftConfig(task_type='SEQ_CLS') needs a model with a classification head (a `classifier` or `score` "
+                f"module, e.g. from AutoModelForSequenceClassification); {name} has none."
+            )
 
     def _create_and_replace(
         self,
@@ -179,11 +198,9 @@ class ReftModel(BaseTuner):
         maps, by_rule = {}, {}
         for name in self._active_reft_configs() if adapters is None else adapters:
             config = self.peft_config[name]
-            classifies = config.task_type == TaskType.SEQ_CLS  # labels are classes: positions span the whole input
-            rule = (config.positions, config.share_weights, classifies)
+            rule = (config.positions, config.share_weights, config.task_type == TaskType.SEQ_CLS)
             if rule not in by_rule:
-                rule_batch = {**batch, "labels": None} if classifies else batch
-                by_rule[rule] = intervention_group_map(config.position_spec, config.share_weights, rule_batch)
+                by_rule[rule] = intervention_group_map(config.position_spec, config.share_weights, batch, rule[2])
             maps[name] = by_rule[rule]
         return maps
 

@@ -155,12 +155,15 @@ def _reject_packed_rows(batch: Mapping[str, Any]) -> None:
         )
 
 
-def intervention_group_map(spec: PositionSpec, share_weights: bool, batch: Mapping[str, Any]) -> torch.Tensor:
+def intervention_group_map(
+    spec: PositionSpec, share_weights: bool, batch: Mapping[str, Any], classification: bool = False
+) -> torch.Tensor:
     """The group map `[B, L]` of a batch: its explicit `intervention_locations` if present, else derived.
 
     `batch` holds the model inputs: `input_ids` or `inputs_embeds`, and optionally `attention_mask` (2-D), `labels`,
     `intervention_locations`, `position_ids`. Packed rows (no attention mask, restarting position ids) are rejected
-    for prompt positions, since the prompt of each packed sequence cannot be told apart.
+    for prompt positions, since the prompt of each packed sequence cannot be told apart. With `classification`
+    (sequence classification), `labels` are classes: the windows are placed on the whole attended input.
     """
     reference = batch.get("input_ids")
     if reference is None:
@@ -185,7 +188,14 @@ def intervention_group_map(spec: PositionSpec, share_weights: bool, batch: Mappi
         )
     if spec.all:
         return torch.where(attended, 0, -1)
-    return group_map_from_prompt(prompt_mask(attended, batch.get("labels")), spec, share_weights)
+    labels = None if classification else batch.get("labels")
+    if labels is not None and tuple(labels.shape) != (batch_size, seq_len):
+        raise ValueError(
+            f"labels of shape {list(labels.shape)} are not token labels of shape {[batch_size, seq_len]}, so they "
+            "cannot mark the prompt. Class labels need ReftConfig(task_type='SEQ_CLS'), which places positions on the "
+            "whole input."
+        )
+    return group_map_from_prompt(prompt_mask(attended, labels), spec, share_weights)
 
 
 def positions_per_group(spec: PositionSpec, share_weights: bool, seq_len: int) -> list[int]:

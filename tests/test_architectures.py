@@ -1,5 +1,6 @@
 """Decoder architectures beyond Llama: the layer stack is found without a per-model table, the logits match the
-independent reference, generation batches correctly and adapters round-trip."""
+independent reference (for every component), generation batches correctly and adapters round-trip. The encoders
+(BERT, RoBERTa) are covered in test_sequence_classification.py."""
 
 import pytest
 import torch
@@ -33,6 +34,13 @@ CONFIGS = {
     "falcon": lambda: FalconConfig(hidden_size=32, **COMMON),
 }
 
+# the attention and MLP children of each architecture's layer, written out here (None: there is no such child)
+SUBMODULES = {
+    "mistral": ("self_attn", "mlp"), "qwen3": ("self_attn", "mlp"), "gemma2": ("self_attn", "mlp"),
+    "gemma3_text": ("self_attn", "mlp"), "phi3": ("self_attn", "mlp"), "gpt_neox": ("attention", "mlp"),
+    "opt": ("self_attn", None), "falcon": ("self_attention", "mlp"),
+}
+
 
 def _model(arch):
     torch.manual_seed(0)
@@ -61,3 +69,22 @@ def test_logits_generation_and_round_trip(arch, tmp_path):
     loaded = PeftModel.from_pretrained(_model(arch), tmp_path).eval()
     with torch.no_grad():
         assert torch.equal(loaded(input_ids=ids, attention_mask=mask).logits, got)
+
+
+@pytest.mark.parametrize("arch", list(CONFIGS))
+@pytest.mark.parametrize("component", ["attention_output", "mlp_output"])
+def test_components_match_reference_or_are_refused_by_name(arch, component):
+    child = SUBMODULES[arch][component == "mlp_output"]
+    config = ReftConfig(layers=[0, 2], low_rank_dimension=3, positions="f2+l2", init_weights=False,
+                        component=component)
+    if child is None:
+        with pytest.raises(ValueError, match=rf"component='{component}' is not available for \w+DecoderLayer"):
+            get_peft_model(_model(arch), config)
+        return
+    model = get_peft_model(_model(arch), config).eval()
+    ids, mask = padded_batch([7, 4], side="right", seed=3)
+    with torch.no_grad():
+        got = model(input_ids=ids, attention_mask=mask).logits
+    expected = reference_logits(_model(arch), raw_params(model), "loreft", ids, mask, None, 2, 2, False,
+                                submodule=child)
+    torch.testing.assert_close(got[mask.bool()], expected[mask.bool()], atol=2e-5, rtol=1e-4)

@@ -4,21 +4,20 @@ and saves through `modules_to_save`, and the HF `Trainer` trains the whole thing
 
 import pytest
 import torch
-from conftest import padded_batch
+from conftest import padded_batch, tiny_model
 from datasets import Dataset
 from peft import PeftModel, get_peft_model
 from reference import raw_params, reference_logits
 from transformers import (
     AutoModelForSequenceClassification,
     BertConfig,
-    DataCollatorWithPadding,
     LlamaConfig,
     RobertaConfig,
     Trainer,
     TrainingArguments,
 )
 
-from peft_reft import ReftConfig
+from peft_reft import ReftConfig, ReftDataCollator
 
 ENCODER = {"vocab_size": 97, "hidden_size": 32, "num_hidden_layers": 3, "num_attention_heads": 4,
            "intermediate_size": 64, "pad_token_id": 0, "num_labels": 3, "initializer_range": 0.2,
@@ -93,6 +92,14 @@ def test_head_is_trainable_and_round_trips(arch, tmp_path):
         torch.testing.assert_close(loaded(input_ids=ids, attention_mask=mask).logits, expected)
 
 
+def pad_collate(features):
+    """Right-pads input_ids with 0 (tiny model, no tokenizer) and stacks the class labels."""
+    width = max(len(f["input_ids"]) for f in features)
+    ids = torch.tensor([f["input_ids"] + [0] * (width - len(f["input_ids"])) for f in features])
+    return {"input_ids": ids, "attention_mask": (ids != 0).long(),
+            "labels": torch.tensor([f["labels"] for f in features])}
+
+
 def _token_task(n, seed):
     """Label = which of the marker tokens 5, 6, 7 appears among the first three tokens (the rest is noise)."""
     g = torch.Generator().manual_seed(seed)
@@ -112,22 +119,15 @@ def test_hf_trainer_trains_the_interventions_and_the_head(tmp_path):
     model = get_peft_model(base, _config(layers="all", low_rank_dimension=4, positions="f3+l3"))
     head_before = model.base_model.model.classifier.modules_to_save["default"].weight.detach().clone()
 
-    class Collator(DataCollatorWithPadding):  # pads input_ids/attention_mask with 0 (tiny model, no tokenizer)
-        def __call__(self, features):
-            width = max(len(f["input_ids"]) for f in features)
-            ids = torch.tensor([f["input_ids"] + [0] * (width - len(f["input_ids"])) for f in features])
-            return {"input_ids": ids, "attention_mask": (ids != 0).long(),
-                    "labels": torch.tensor([f["labels"] for f in features])}
-
     args = TrainingArguments(output_dir=str(tmp_path), max_steps=80, per_device_train_batch_size=16,
                              learning_rate=2e-2, logging_steps=5, use_cpu=True, report_to=[], save_strategy="no",
                              seed=0)
-    trainer = Trainer(model=model, args=args, train_dataset=_token_task(640, 0), data_collator=Collator(None))
+    trainer = Trainer(model=model, args=args, train_dataset=_token_task(640, 0), data_collator=pad_collate)
     trainer.train()
 
     losses = [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
     assert losses[-1] < 0.5 * losses[0], losses
-    test = Collator(None)(list(_token_task(200, 1)))
+    test = pad_collate(list(_token_task(200, 1)))
     model.eval()
     with torch.no_grad():
         accuracy = (model(**test).logits.argmax(-1) == test["labels"]).float().mean().item()
@@ -137,3 +137,33 @@ def test_hf_trainer_trains_the_interventions_and_the_head(tmp_path):
     for name, p in model.base_model.model.named_parameters():  # the base model stayed frozen
         if name in frozen:
             assert torch.equal(p, frozen[name]), name
+
+
+def test_task_type_must_fit_the_model():
+    with pytest.raises(ValueError, match=r"needs a model with a classification head \(a `classifier` or `score` "
+                                         r"module, e.g. from AutoModelForSequenceClassification\); LlamaForCausalLM "
+                                         r"has none"):
+        get_peft_model(tiny_model(), _config())
+    with pytest.raises(ValueError, match=r"task_type='CAUSAL_LM'\) needs a model that generates text, and "
+                                         r"BertForSequenceClassification does not.*use task_type='SEQ_CLS'"):
+        get_peft_model(_model("bert"), _config(task_type="CAUSAL_LM"))
+
+
+def test_class_labels_with_a_causal_lm_config_are_refused():
+    model = get_peft_model(tiny_model(), _config(task_type="CAUSAL_LM"))
+    ids, mask = padded_batch([4, 4], seed=1)
+    with pytest.raises(ValueError, match=r"labels of shape \[2\] are not token labels of shape \[2, 4\].*"
+                                         r"task_type='SEQ_CLS'"):
+        model(input_ids=ids, attention_mask=mask, labels=torch.tensor([0, 1]))
+
+
+def test_collator_places_positions_on_the_whole_input():
+    config = _config(positions="f1+l2")
+    model = get_peft_model(_model("bert"), config).eval()
+    batch = ReftDataCollator(config, collator=pad_collate)(list(_token_task(4, 3)))
+    lengths = batch["attention_mask"].sum(dim=1).tolist()
+    assert batch["intervention_locations"].tolist() == [[[0, -1], [n - 2, n - 1]] for n in lengths]
+    with torch.no_grad():
+        explicit = model(**batch).logits
+        derived = model(**{k: v for k, v in batch.items() if k != "intervention_locations"}).logits
+    torch.testing.assert_close(explicit, derived)
