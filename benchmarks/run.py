@@ -29,8 +29,9 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "examples"))
 
-import peft_reft  # noqa: E402
 from peft import LoraConfig, get_peft_model  # noqa: E402
+
+import peft_reft  # noqa: E402
 from peft_reft import ReftConfig  # noqa: E402
 
 BATCH, SEQ, PROMPT = 4, 128, 64

@@ -167,7 +167,8 @@ def main(argv=None):
     training_args = SFTConfig(
         output_dir=args.output_dir, max_steps=args.steps, per_device_train_batch_size=len(TRAIN_PAIRS),
         learning_rate=args.lr, lr_scheduler_type=args.lr_scheduler, warmup_steps=0, weight_decay=0.0, logging_steps=1,
-        max_length=args.max_length, gradient_checkpointing=False, use_cpu=True, bf16=False, report_to=[], save_strategy="no", seed=args.seed,
+        max_length=args.max_length, gradient_checkpointing=False, use_cpu=True, bf16=False, report_to=[],
+        save_strategy="no", seed=args.seed,
         disable_tqdm=False, log_level="warning",
     )
     trainer = SFTTrainer(model=model, args=training_args, train_dataset=data, processing_class=tokenizer,

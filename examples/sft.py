@@ -38,7 +38,8 @@ class ReftArguments:
     """The ReFT adapter: each field is `ReftConfig`'s field of the same name without the `reft_` prefix."""
 
     reft_layers: str = field(
-        default="all", metadata={"help": "Decoder layers to intervene on: 'all' or comma-separated indices, e.g. '4,10'."}
+        default="all",
+        metadata={"help": "Decoder layers to intervene on: 'all' or comma-separated indices, e.g. '4,10'."},
     )
     reft_rank: int = field(default=8, metadata={"help": "Rank r of each intervention (low_rank_dimension)."})
     reft_positions: str = field(
@@ -51,7 +52,9 @@ class ReftArguments:
         default=False, metadata={"help": "One intervention per layer for both windows of 'fN+lM'."}
     )
     reft_dropout: float = field(default=0.0, metadata={"help": "Dropout on the edit."})
-    reft_act_fn: Optional[str] = field(default=None, metadata={"help": "Activation (ACT2FN key) of the learned source."})
+    reft_act_fn: Optional[str] = field(
+        default=None, metadata={"help": "Activation (ACT2FN key) of the learned source."}
+    )
     reft_init_weights: bool = field(
         default=True, metadata={"help": "Identity at init (True) or random init as pyreft (False)."}
     )
@@ -73,15 +76,16 @@ def load_data(name: str, config_name: Optional[str] = None):
     if path.is_file():
         suffix = path.suffix.lower()
         if suffix not in LOCAL_FORMATS:
-            raise ValueError(f"--dataset_name {name}: unknown file type {suffix!r}; use one of {sorted(LOCAL_FORMATS)}.")
+            raise ValueError(
+                f"--dataset_name {name}: unknown file type {suffix!r}; use one of {sorted(LOCAL_FORMATS)}."
+            )
         return load_dataset(LOCAL_FORMATS[suffix], data_files={"train": str(path)})
     return load_dataset(name, name=config_name)
 
 
 def main(script_args, training_args, model_args, reft_args):
-    from trl import SFTTrainer
-
     from plotting import loss_history, plot_loss
+    from trl import SFTTrainer
 
     model_name = model_args.model_name_or_path
     if model_name is None:
@@ -113,7 +117,8 @@ def main(script_args, training_args, model_args, reft_args):
     trainer.save_model(training_args.output_dir)
     if trainer.accelerator.is_main_process:
         plot = plot_loss(loss_history(trainer.state.log_history), Path(training_args.output_dir) / "loss.png")
-        trainer.accelerator.print(f"Adapter saved to {training_args.output_dir}" + (f"; loss curve {plot}" if plot else ""))
+        curve = f"; loss curve {plot}" if plot else ""
+        trainer.accelerator.print(f"Adapter saved to {training_args.output_dir}{curve}")
     trainer.accelerator.end_training()  # also tears down the process group under DDP
     return trainer
 

@@ -46,5 +46,5 @@ def load_smollm2(dtype=None):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     path = smollm2_path()
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype) if dtype else AutoModelForCausalLM.from_pretrained(path)
+    model = AutoModelForCausalLM.from_pretrained(path, **({"dtype": dtype} if dtype else {}))
     return model, AutoTokenizer.from_pretrained(path)

@@ -78,7 +78,8 @@ class OrthonormalRotation(nn.Module):
 
 
 class Intervention(nn.Module):
-    """Base class: `forward(h) = h + dropout(edit(h))`. Subclasses implement `edit` on float32 (parameter dtype) input."""
+    """Base class: `forward(h) = h + dropout(edit(h))`. Subclasses implement `edit` on float32 (parameter dtype)
+    input."""
 
     def __init__(self, dropout: float = 0.0, act_fn: str | None = None):
         super().__init__()

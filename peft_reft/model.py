@@ -302,8 +302,8 @@ class ReftModel(BaseTuner):
         if prompt_based and not getattr(self, "_warned_unlabelled", False):
             self._warned_unlabelled = True
             warnings.warn(
-                "ReFT: a training forward pass without `labels` or `intervention_locations` treats every attended token "
-                "as prompt. If the inputs contain completions (e.g. a custom compute_loss_func), use "
+                "ReFT: a training forward pass without `labels` or `intervention_locations` treats every attended "
+                "token as prompt. If the inputs contain completions (e.g. a custom compute_loss_func), use "
                 "`peft_reft.ReftDataCollator` so that each batch carries explicit `intervention_locations`."
             )
 
@@ -318,9 +318,13 @@ class ReftModel(BaseTuner):
         locations = kwargs.pop(INTERVENTION_LOCATIONS, None)
         for unsupported in ("assistant_model", "prefill_chunk_size"):
             if kwargs.get(unsupported) is not None or getattr(kwargs.get("generation_config"), unsupported, None):
-                raise ValueError(f"ReFT does not support `generate(..., {unsupported}=...)`: it needs one prefill pass.")
+                raise ValueError(
+                    f"ReFT does not support `generate(..., {unsupported}=...)`: it needs one prefill pass."
+                )
         if self._non_empty_cache(kwargs.get("past_key_values")):
-            raise ValueError("ReFT cannot continue generation from a non-empty `past_key_values`: pass the full prompt.")
+            raise ValueError(
+                "ReFT cannot continue generation from a non-empty `past_key_values`: pass the full prompt."
+            )
         prompt = {
             "input_ids": kwargs.get("input_ids", args[0] if args else None),
             "inputs_embeds": kwargs.get("inputs_embeds"),

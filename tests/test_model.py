@@ -245,7 +245,8 @@ def test_packed_batches_are_rejected_for_prompt_positions():
     model = get_peft_model(tiny_model(), _config())
     ids = torch.randint(3, 90, (1, 8))
     position_ids = torch.tensor([[0, 1, 2, 3, 0, 1, 2, 3]])
-    with pytest.raises(ValueError, match=r"packs several sequences into one row .*SFTConfig\(packing=False, padding_free=False\)"):
+    with pytest.raises(ValueError, match=r"packs several sequences into one row .*"
+                                         r"SFTConfig\(packing=False, padding_free=False\)"):
         model(input_ids=ids, position_ids=position_ids, labels=ids)
     # with positions='all' packing is harmless: every token is edited
     model_all = get_peft_model(tiny_model(), _config(positions="all"))

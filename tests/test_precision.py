@@ -4,9 +4,14 @@ import pytest
 import torch
 from conftest import padded_batch, tiny_model
 from peft import PeftModel, get_peft_model
-from test_trl import PAIRS, prompt_completion, reft_config, sft_args
+from test_trl import (
+    PAIRS,
+    prompt_completion,
+    reft_config,
+    sft_args,
+    tokenizer,  # noqa: F401  (fixture)
+)
 from test_trl import tiny_model as tiny_chat_model
-from test_trl import tokenizer  # noqa: F401  (fixture)
 from trl import SFTTrainer
 
 from peft_reft import ReftConfig

@@ -62,7 +62,9 @@ def test_position_grammar_padding_and_sharing_match_reference(positions, side, s
     _check("loreft", positions, side, share, labels_on)
 
 
-@pytest.mark.parametrize("kind,act_fn", [("loreft", None), ("noreft", "relu"), ("direft", "tanh"), ("nodireft", "gelu")])
+@pytest.mark.parametrize(
+    "kind,act_fn", [("loreft", None), ("noreft", "relu"), ("direft", "tanh"), ("nodireft", "gelu")]
+)
 def test_activation_matches_reference(kind, act_fn):
     _check(kind, "f2+l2", "left", False, labels_on=True, act_fn=act_fn)
 
