@@ -131,7 +131,7 @@ class ReftLayer(nn.Module, BaseTunerLayer):
         finally:
             self._inner_positions = None
         hidden = output[0] if isinstance(output, tuple) else output
-        if inner and torch.is_grad_enabled() and hidden.requires_grad:
+        if self._component_hooks and torch.is_grad_enabled() and hidden.requires_grad:
             # a checkpointed layer recomputes its inside during backward: give it back this call's positions first
             hidden.register_hook(partial(self._restore_inner_positions, inner))
         block = {name: where for name, where in edits.items() if self.reft_component[name] == "block_output"}

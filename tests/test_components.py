@@ -78,6 +78,21 @@ def test_gradient_checkpointing_gives_the_same_loss_and_gradients(component, use
     assert max(g.abs().max() for g in grads.values()) > 0
 
 
+def test_disabled_adapter_under_gradient_checkpointing_backpropagates_as_the_base_model():
+    base = tiny_model("llama")
+    model = get_peft_model(base, _config("mlp_output")).train()
+    base.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": True})
+    base.enable_input_require_grads()  # layer outputs require grad even with every adapter disabled
+    ids, mask, labels = _batch()
+    with model.disable_adapter():
+        loss = model(input_ids=ids, attention_mask=mask, labels=labels).loss
+        loss.backward()  # the recomputed MLPs run without edits, as in the forward pass
+    with torch.no_grad():
+        expected = tiny_model("llama")(input_ids=ids, attention_mask=mask, labels=labels).loss
+    assert loss.item() == pytest.approx(expected.item(), abs=1e-6)
+    assert all(p.grad is None for p in model.parameters() if p.requires_grad)
+
+
 def test_generate_edits_the_prompt_once_for_components():
     model = get_peft_model(tiny_model(), _config("mlp_output")).eval()
     ids, mask = padded_batch([6, 3], side="left", seed=2)

@@ -43,8 +43,9 @@ def _no_cache_reference(model, prompt, everything):
 
 
 @pytest.mark.parametrize("positions", ["f2+l2", "all"])
-def test_cached_generation_equals_no_cache_reference(positions):
-    model = _model(positions)
+@pytest.mark.parametrize("component", ["block_output", "attention_output", "mlp_output"])
+def test_cached_generation_equals_no_cache_reference(positions, component):
+    model = _model(positions, component=component)
     ids, mask = padded_batch([7], seed=4)
     expected = _no_cache_reference(model, ids, everything=positions == "all")
     assert torch.equal(_greedy(model, ids, mask), expected)
