@@ -119,8 +119,11 @@ def main(script_args, training_args, model_args, reft_args):
         plot = plot_loss(loss_history(trainer.state.log_history), Path(training_args.output_dir) / "loss.png")
         curve = f"; loss curve {plot}" if plot else ""
         trainer.accelerator.print(f"Adapter saved to {training_args.output_dir}{curve}")
-    trainer.accelerator.end_training()  # also tears down the process group under DDP
-    return trainer
+    accelerator = trainer.accelerator
+    # free the DDP model before its process group: freeing it afterwards, at exit, can deadlock gloo's teardown
+    del trainer
+    accelerator.free_memory()
+    accelerator.end_training()  # also tears down the process group under DDP
 
 
 def make_parser():

@@ -2,14 +2,15 @@
 `accelerate launch` (`accelerate launch --cpu --num_processes 2` runs ONE process on a CPU-only machine, so the tests
 use torchrun and `accelerate launch --multi_gpu`)."""
 
+import contextlib
 import json
 import os
-import signal
 import socket
 import subprocess
 import sys
 from pathlib import Path
 
+import psutil
 import pytest
 import torch
 from peft import PeftModel
@@ -32,10 +33,23 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
+def kill_tree(pid: int) -> None:
+    """Kill a launcher and every process below it. The ranks that torchrun starts live in sessions of their own, so
+    killing the launcher's process group would leave them running (and holding the pipes open)."""
+    try:
+        launcher = psutil.Process(pid)
+        processes = [*launcher.children(recursive=True), launcher]
+    except psutil.NoSuchProcess:
+        return
+    for process in processes:
+        with contextlib.suppress(psutil.NoSuchProcess):
+            process.kill()
+    psutil.wait_procs(processes, timeout=30)
+
+
 def launch(command, timeout=150):
-    """Run a multi-process command in its own process group; on a timeout kill the whole group (no stray ranks) and
-    try once more on a fresh port, since a gloo rendezvous on a loaded 2-core machine can stall; a second timeout
-    fails the test."""
+    """Run a multi-process command; on a timeout kill it with all its ranks and try once more on a fresh port, since
+    a gloo run on a loaded 2-core machine can stall; a second timeout fails the test."""
     for attempt in range(2):
         command = [str(part).replace("{port}", str(free_port())) for part in command]
         process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=_env(),
@@ -44,7 +58,7 @@ def launch(command, timeout=150):
             stdout, stderr = process.communicate(timeout=timeout)
             break
         except subprocess.TimeoutExpired:
-            os.killpg(process.pid, signal.SIGKILL)
+            kill_tree(process.pid)
             process.communicate()
             if attempt == 1:
                 raise

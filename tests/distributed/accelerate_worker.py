@@ -48,6 +48,8 @@ def main():
     final = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
     torch.save({"initial": initial, "grads": grads, "final": final}, out / f"rank-{rank}.pt")
     accelerator.wait_for_everyone()
+    del model, optimizer
+    accelerator.free_memory()  # free the DDP reducer while its gloo group still exists (else exit can deadlock)
     accelerator.end_training()
 
 

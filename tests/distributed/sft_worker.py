@@ -62,7 +62,10 @@ def main():
     (out / f"losses-{rank}.json").write_text(json.dumps(losses))
     (out / f"writes-{rank}.json").write_text(json.dumps(trainer.args.should_save))  # who writes checkpoints/adapters
     trainer.save_model(str(out / "adapter"))  # the Trainer writes on the main process only
-    trainer.accelerator.end_training()  # destroys the process group: no gloo abort at exit
+    accelerator = trainer.accelerator
+    del trainer, model
+    accelerator.free_memory()  # free the DDP reducer while its gloo group still exists
+    accelerator.end_training()  # destroys the process group: no gloo abort at exit
     if dist.is_available() and dist.is_initialized():
         dist.destroy_process_group()
 
