@@ -130,6 +130,11 @@ REFT_CONFIGS = {
     "a": lambda n: ReftConfig(layers=[n // 2], low_rank_dimension=4, positions="l1", init_weights=False),
     "b": lambda n: ReftConfig(layers="all", low_rank_dimension=8, positions="f7+l7", share_weights=True,
                               init_weights=False),
+    "b, mlp_output": lambda n: ReftConfig(layers="all", low_rank_dimension=8, positions="f7+l7", share_weights=True,
+                                          init_weights=False, component="mlp_output"),
+    "b, attention_output": lambda n: ReftConfig(layers="all", low_rank_dimension=8, positions="f7+l7",
+                                                share_weights=True, init_weights=False,
+                                                component="attention_output"),
 }
 
 
@@ -158,6 +163,28 @@ def bench_training(model_name, device, dtype, pairs) -> list[dict]:
         rows.append({"workload": "train step", "model": model_name, "candidate": f"ReFT ({candidate})",
                      "baseline": baseline, "target": target, **result})
         print(f"  train {model_name}: ReFT ({candidate}) / {baseline} = {result['ratio']:.3f}", flush=True)
+    return rows
+
+
+def bench_components(model_name, device, dtype, pairs) -> list[dict]:
+    """Editing the attention / MLP output instead of the block output, with gradient checkpointing on both sides
+    (the case where the edit inside the layer is recomputed during backward)."""
+    base = load_model(model_name, device, dtype)
+    n_layers = base.config.num_hidden_layers
+    batch = training_batch(base.config.vocab_size, device)
+    autocast = torch.bfloat16 if device.type == "cuda" else None
+    steps = {}
+    for kind in ("b", "b, mlp_output", "b, attention_output"):
+        model = build(kind, base, n_layers)
+        model.get_base_model().activation_checkpointing_enable({"use_reentrant": False})
+        model.train()
+        steps[kind] = train_step(model, batch, optimizer_for(model), device, autocast)
+    rows = []
+    for candidate in ("b, mlp_output", "b, attention_output"):
+        result = paired(steps["b"], steps[candidate], device, pairs)
+        rows.append({"workload": "train step, checkpointing", "model": model_name, "candidate": f"ReFT ({candidate})",
+                     "baseline": "ReFT (b)", "target": 1.05, **result})
+        print(f"  components {model_name}: ReFT ({candidate}) / ReFT (b) = {result['ratio']:.3f}", flush=True)
     return rows
 
 
@@ -413,6 +440,7 @@ def main():
     rows = []
     for model_name in models:
         rows += bench_training(model_name, device, dtype, pairs)
+        rows += bench_components(model_name, device, dtype, pairs)
         rows += bench_generation(model_name, device, dtype, pairs)
         rows += bench_memory(model_name, device)
     rows += bench_intervention([576] if args.quick else [576, 2048, 4096], pairs)
