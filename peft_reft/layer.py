@@ -110,20 +110,25 @@ class ReftLayer(nn.Module, BaseTunerLayer):
 
     def _edits_of_this_call(self) -> dict[str, torch.Tensor]:
         """Adapter -> positions for the adapters of this layer that edit in the current call."""
-        if self.disable_adapters:
-            return {}
-        if self.positions is None:
-            if any(name in self.reft_interventions for name in self.active_adapters):
+        positions = self.positions
+        if not positions or self._disable_adapters:  # {}: nothing to edit in this call (e.g. a decode step)
+            if positions is None and not self._disable_adapters and any(
+                name in self.reft_interventions for name in self.active_adapters
+            ):
                 raise RuntimeError(
                     "A ReFT layer ran without intervention positions. Call the model through the PeftModel returned "
                     "by `get_peft_model` / `PeftModel.from_pretrained` (its forward and generate supply the "
                     "positions), not through the wrapped transformers model."
                 )
             return {}
-        return {name: where for name, where in self.positions.items() if name in self.reft_interventions}
+        interventions = self.reft_interventions
+        return {name: where for name, where in positions.items() if name in interventions}
 
     def forward(self, *args: Any, **kwargs: Any):
         edits = self._edits_of_this_call()
+        if not self._component_hooks:  # every adapter of this layer edits the block output
+            output = self.base_layer(*args, **kwargs)
+            return self._edit_output(output, edits) if edits else output
         inner = {name: where for name, where in edits.items() if self.reft_component[name] != "block_output"}
         self._inner_positions = inner
         try:
@@ -131,7 +136,7 @@ class ReftLayer(nn.Module, BaseTunerLayer):
         finally:
             self._inner_positions = None
         hidden = output[0] if isinstance(output, tuple) else output
-        if self._component_hooks and torch.is_grad_enabled() and hidden.requires_grad:
+        if torch.is_grad_enabled() and hidden.requires_grad:
             # a checkpointed layer recomputes its inside during backward: give it back this call's positions first
             hidden.register_hook(partial(self._restore_inner_positions, inner))
         block = {name: where for name, where in edits.items() if self.reft_component[name] == "block_output"}

@@ -198,9 +198,12 @@ class ReftModel(BaseTuner):
         maps, by_rule = {}, {}
         for name in self._active_reft_configs() if adapters is None else adapters:
             config = self.peft_config[name]
-            rule = (config.positions, config.share_weights, config.task_type == TaskType.SEQ_CLS)
+            classification = config.task_type == TaskType.SEQ_CLS  # labels are classes, not token labels
+            rule = (config.positions, config.share_weights, classification)
             if rule not in by_rule:
-                by_rule[rule] = intervention_group_map(config.position_spec, config.share_weights, batch, rule[2])
+                by_rule[rule] = intervention_group_map(
+                    config.position_spec, config.share_weights, batch, classification
+                )
             maps[name] = by_rule[rule]
         return maps
 
