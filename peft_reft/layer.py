@@ -159,6 +159,12 @@ class ReftLayer(nn.Module, BaseTunerLayer):
     def _edit_output(self, output: Any, edits: dict[str, torch.Tensor]) -> Any:
         hidden = output[0] if isinstance(output, tuple) else output
         for name, locations in edits.items():
+            if hidden.dim() != 3 or locations.shape[0] != hidden.shape[0]:
+                raise RuntimeError(
+                    f"ReFT edits hidden states laid out [batch, seq_len, hidden]; {type(self.base_layer).__name__} "
+                    f"gives shape {list(hidden.shape)} for a batch of {locations.shape[0]}, so this architecture is "
+                    "not supported."
+                )
             hidden = self._edit(hidden, self.reft_interventions[name], locations)
         return (hidden, *output[1:]) if isinstance(output, tuple) else hidden
 
@@ -166,10 +172,9 @@ class ReftLayer(nn.Module, BaseTunerLayer):
     def _edit(hidden: torch.Tensor, interventions: nn.ModuleList, locations: torch.Tensor) -> torch.Tensor:
         """Add each intervention's delta at its locations (`[B, groups, P]`, -1 = empty) with one gather per group
         and one scatter; only the selected tokens go through the interventions."""
-        if hidden.dim() != 3 or locations.shape[0] != hidden.shape[0] or locations.shape[1] != len(interventions):
+        if locations.shape[1] != len(interventions):
             raise RuntimeError(
-                f"ReFT positions of shape {list(locations.shape)} do not fit hidden states of shape "
-                f"{list(hidden.shape)} (expected [batch, seq_len, hidden]) and {len(interventions)} intervention(s) "
+                f"ReFT positions of shape {list(locations.shape)} do not fit {len(interventions)} intervention(s) "
                 "per layer."
             )
         width = hidden.shape[-1]

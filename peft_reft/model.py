@@ -20,6 +20,8 @@ from .positions import intervention_group_map, locations_from_group_map, positio
 INTERVENTION_LOCATIONS = "intervention_locations"
 BASE_ADAPTER = "__base__"  # in `adapter_names`: the example runs without any adapter
 CLASSIFIER_MODULE_NAMES = ("classifier", "score")  # the heads peft's SEQ_CLS model adds to `modules_to_save`
+# models whose layers see hidden states laid out [seq_len, batch, hidden]: a square batch could not be told apart
+TIME_MAJOR_MODEL_TYPES = ("xlnet", "fsmt")
 
 
 def _text_config(model: nn.Module):
@@ -114,6 +116,12 @@ class ReftModel(BaseTuner):
 
     def _check_task_type(self, peft_config: ReftConfig) -> None:
         name = type(self.model).__name__
+        model_type = getattr(_text_config(self.model), "model_type", None)
+        if model_type in TIME_MAJOR_MODEL_TYPES:
+            raise ValueError(
+                f"{name} ({model_type}) is not supported: its layers run on hidden states laid out [seq_len, batch, "
+                "hidden], while ReFT places its edits on [batch, seq_len, hidden]."
+            )
         if peft_config.task_type == TaskType.CAUSAL_LM and hasattr(self.model, "can_generate") and (
             not self.model.can_generate()
         ):
@@ -121,12 +129,15 @@ class ReftModel(BaseTuner):
                 f"ReftConfig(task_type='CAUSAL_LM') needs a model that generates text, and {name} does not. For a "
                 "model with a classification head (e.g. AutoModelForSequenceClassification) use task_type='SEQ_CLS'."
             )
+        # peft's SEQ_CLS model adds `classifier` and `score` to modules_to_save; a head named otherwise is listed there
+        heads = set(CLASSIFIER_MODULE_NAMES) | set(peft_config.modules_to_save or ())
         if peft_config.task_type == TaskType.SEQ_CLS and not any(
-            head in self.model._modules for head in CLASSIFIER_MODULE_NAMES
+            module_name.rsplit(".", 1)[-1] in heads for module_name, _ in self.model.named_modules()
         ):
             raise ValueError(
                 f"ReftConfig(task_type='SEQ_CLS') needs a model with a classification head (a `classifier` or `score` "
-                f"module, e.g. from AutoModelForSequenceClassification); {name} has none."
+                f"module, e.g. from AutoModelForSequenceClassification, or a head named in `modules_to_save`); {name} "
+                "has none."
             )
 
     def _create_and_replace(

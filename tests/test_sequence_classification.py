@@ -15,6 +15,8 @@ from transformers import (
     RobertaConfig,
     Trainer,
     TrainingArguments,
+    XLNetConfig,
+    XLNetForSequenceClassification,
 )
 
 from peft_reft import ReftConfig, ReftDataCollator
@@ -139,10 +141,29 @@ def test_hf_trainer_trains_the_interventions_and_the_head(tmp_path):
             assert torch.equal(p, frozen[name]), name
 
 
+def test_time_major_architecture_is_refused_by_name():
+    # XLNet's layers run on [seq_len, batch, hidden]: with seq_len == batch size no shape check could notice
+    model = XLNetForSequenceClassification(XLNetConfig(vocab_size=97, d_model=32, n_layer=2, n_head=4, d_inner=64))
+    with pytest.raises(ValueError, match=r"XLNetForSequenceClassification \(xlnet\) is not supported: its layers run "
+                                         r"on hidden states laid out \[seq_len, batch, hidden\]"):
+        get_peft_model(model, _config(layers=[0, 1]))
+
+
+def test_a_head_named_in_modules_to_save_is_trained():
+    model = _model("bert")
+    model.head = model.classifier  # a head under another name (as in some architectures)
+    del model.classifier
+    with pytest.raises(ValueError, match=r"or a head named in `modules_to_save`\); BertForSequenceClassification"):
+        get_peft_model(model, _config())
+    model = get_peft_model(model, _config(modules_to_save=["head"]))
+    trainable = {name for name, p in model.named_parameters() if p.requires_grad}
+    assert any(".head.modules_to_save.default." in name for name in trainable), trainable
+
+
 def test_task_type_must_fit_the_model():
     with pytest.raises(ValueError, match=r"needs a model with a classification head \(a `classifier` or `score` "
-                                         r"module, e.g. from AutoModelForSequenceClassification\); LlamaForCausalLM "
-                                         r"has none"):
+                                         r"module, e.g. from AutoModelForSequenceClassification, or a head named in "
+                                         r"`modules_to_save`\); LlamaForCausalLM has none"):
         get_peft_model(tiny_model(), _config())
     with pytest.raises(ValueError, match=r"task_type='CAUSAL_LM'\) needs a model that generates text, and "
                                          r"BertForSequenceClassification does not.*use task_type='SEQ_CLS'"):
