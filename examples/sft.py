@@ -39,7 +39,11 @@ class ReftArguments:
 
     reft_layers: str = field(
         default="all",
-        metadata={"help": "Decoder layers to intervene on: 'all' or comma-separated indices, e.g. '4,10'."},
+        metadata={"help": "Layers to intervene on: 'all' or comma-separated indices, e.g. '4,10'."},
+    )
+    reft_component: str = field(
+        default="block_output",
+        metadata={"help": "What to edit: 'block_output' (the residual stream), 'attention_output' or 'mlp_output'."},
     )
     reft_rank: int = field(default=8, metadata={"help": "Rank r of each intervention (low_rank_dimension)."})
     reft_positions: str = field(
@@ -62,7 +66,8 @@ class ReftArguments:
     def to_config(self) -> ReftConfig:
         layers = "all" if self.reft_layers == "all" else [int(i) for i in self.reft_layers.split(",")]
         return ReftConfig(
-            layers=layers, low_rank_dimension=self.reft_rank, positions=self.reft_positions,
+            layers=layers, component=self.reft_component, low_rank_dimension=self.reft_rank,
+            positions=self.reft_positions,
             intervention=self.reft_intervention, share_weights=self.reft_share_weights, dropout=self.reft_dropout,
             act_fn=self.reft_act_fn, init_weights=self.reft_init_weights,
         )

@@ -62,7 +62,7 @@ class ReftConfig(PeftConfig):
 
     layers: Union[int, list[int], str] = field(
         default="all",
-        metadata={"help": "Decoder-layer indices to intervene on (int, list of ints, or 'all')."},
+        metadata={"help": "Layer indices to intervene on (int, list of ints, or 'all')."},
     )
     component: Literal["block_output", "mlp_output", "attention_output"] = field(
         default="block_output",

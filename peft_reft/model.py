@@ -92,7 +92,7 @@ class ReftModel(BaseTuner):
 
     # ----------------------------------------------------------------------------------------------- injection
     def _prepare_adapter_config(self, peft_config: ReftConfig, model_config: dict) -> ReftConfig:
-        self._check_task_type(peft_config)
+        self._check_model_fits(peft_config)
         stack_name, stack = find_layer_stack(self.model)
         num_layers = len(stack)
         indices = list(range(num_layers)) if peft_config.layers == "all" else peft_config.layers
@@ -114,7 +114,7 @@ class ReftModel(BaseTuner):
         peft_config.target_modules = rf"{re.escape(stack_name)}\.({'|'.join(str(i) for i in indices)})"
         return peft_config
 
-    def _check_task_type(self, peft_config: ReftConfig) -> None:
+    def _check_model_fits(self, peft_config: ReftConfig) -> None:
         name = type(self.model).__name__
         model_type = getattr(_text_config(self.model), "model_type", None)
         if model_type in TIME_MAJOR_MODEL_TYPES:

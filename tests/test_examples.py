@@ -44,8 +44,9 @@ def test_quickstart_quick_run(tmp_path):
 
 def test_sft_help_documents_every_reft_flag():
     out = run([EXAMPLES / "sft.py", "--help"], cwd=ROOT)
-    for flag in ("--reft_layers", "--reft_rank", "--reft_positions", "--reft_intervention", "--reft_share_weights",
-                 "--reft_dropout", "--reft_act_fn", "--reft_init_weights", "--dataset_name", "--learning_rate"):
+    for flag in ("--reft_layers", "--reft_component", "--reft_rank", "--reft_positions", "--reft_intervention",
+                 "--reft_share_weights", "--reft_dropout", "--reft_act_fn", "--reft_init_weights", "--dataset_name",
+                 "--learning_rate"):
         assert flag in out, flag
 
 
@@ -71,8 +72,9 @@ def test_sft_script_on_local_data(tmp_path, suffix):
     run([EXAMPLES / "sft.py", "--model_name_or_path", tmp_path / "model", "--dataset_name", data,
          "--output_dir", tmp_path / "out", "--max_steps", "3", "--per_device_train_batch_size", "4", "--use_cpu",
          "--report_to", "none", "--save_strategy", "no", "--logging_steps", "1", "--reft_layers", "0,2",
-         "--reft_rank", "2", "--reft_positions", "l2", "--learning_rate", "1e-2"], cwd=tmp_path)
+         "--reft_rank", "2", "--reft_positions", "l2", "--reft_component", "mlp_output", "--learning_rate", "1e-2"],
+        cwd=tmp_path)
     config = json.loads((tmp_path / "out" / "adapter_config.json").read_text())
-    assert (config["peft_type"], config["layers"], config["low_rank_dimension"], config["positions"]) == (
-        "REFT", [0, 2], 2, "l2")
+    assert (config["peft_type"], config["layers"], config["low_rank_dimension"], config["positions"],
+            config["component"]) == ("REFT", [0, 2], 2, "l2", "mlp_output")
     assert (tmp_path / "out" / "loss.png").exists()
