@@ -54,8 +54,9 @@ def test_cached_generation_equals_no_cache_reference(positions, component):
     assert not torch.equal(base, expected)  # the adapter matters for this test to mean anything
 
 
-def test_prompt_positions_are_edited_in_prefill_only():
-    model = _model()
+@pytest.mark.parametrize("component", ["block_output", "mlp_output"])
+def test_prompt_positions_are_edited_in_prefill_only(component):
+    model = _model(component=component)
     seen = []
     layer = next(m for m in model.modules() if isinstance(m, ReftLayer))
     original = layer.reft_interventions["default"][0].delta
