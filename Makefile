@@ -1,5 +1,5 @@
 # `make test` installs what the tests need into the current Python environment, then runs them.
-# `make quickstart` installs what the quickstart needs, then runs it.
+# `make quickstart` installs what the quickstart needs, then runs it (QUICKSTART_ARGS=--quick: a smoke run).
 PYTHON ?= python3
 
 .PHONY: install test quickstart benchmark
@@ -13,7 +13,7 @@ test: install
 	$(PYTHON) -m pytest
 
 quickstart: install
-	$(PYTHON) examples/quickstart.py
+	$(PYTHON) examples/quickstart.py $(QUICKSTART_ARGS)
 
 benchmark: install
 	$(PYTHON) benchmarks/run.py

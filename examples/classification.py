@@ -13,12 +13,17 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import random
+import sys
 from pathlib import Path
 
-import torch
-from datasets import Dataset
-from peft import get_peft_model
-from transformers import (
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import runtime  # noqa: E402
+
+runtime.quiet_library_warnings()  # before peft/TRL import bitsandbytes, which logs a note about an optional kernel
+import torch  # noqa: E402
+from datasets import Dataset  # noqa: E402
+from peft import get_peft_model  # noqa: E402
+from transformers import (  # noqa: E402
     AutoModelForSequenceClassification,
     AutoTokenizer,
     DataCollatorWithPadding,
@@ -26,7 +31,7 @@ from transformers import (
     TrainingArguments,
 )
 
-from peft_reft import ReftConfig
+from peft_reft import ReftConfig  # noqa: E402
 
 TRAIN_SUBJECTS = ["the movie", "the food", "the hotel", "the service", "the book", "the concert", "the game",
                   "the car"]
@@ -75,7 +80,7 @@ def train_and_evaluate(model, tokenizer, train: Dataset, test: Dataset, output_d
     train, test = (d.map(tokenize, batched=True, remove_columns=["text"]) for d in (train, test))
     args = TrainingArguments(output_dir=output_dir, max_steps=steps, per_device_train_batch_size=16,
                              learning_rate=learning_rate, logging_steps=10, report_to=[], save_strategy="no",
-                             seed=0, use_cpu=not torch.cuda.is_available())
+                             seed=0, use_cpu=not runtime.has_accelerator())
     trainer = Trainer(model=model, args=args, train_dataset=train, data_collator=DataCollatorWithPadding(tokenizer))
     trainer.train()
     prediction = trainer.predict(test)
@@ -89,8 +94,9 @@ def reft_config() -> ReftConfig:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--steps", type=int, default=60)
-    parser.add_argument("--output-dir", default="minilm-reft-negation")
+    parser.add_argument("--output-dir", default="outputs/minilm-reft-negation")
     args = parser.parse_args()
+    runtime.setup()
     train = negation_sentiment(TRAIN_SUBJECTS, 480, seed=0)
     test = negation_sentiment(TEST_SUBJECTS, 200, seed=1)
 

@@ -19,19 +19,20 @@ memorises the ten answers (more steps drive the loss to 0.01 and generalise wors
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 import time
 import unicodedata
 from pathlib import Path
 
-import torch
-from datasets import Dataset
-from trl import SFTConfig, SFTTrainer
-
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+import runtime  # noqa: E402
+
+runtime.quiet_library_warnings()  # before peft/TRL import bitsandbytes, which logs a note about an optional kernel
+import torch  # noqa: E402
+from datasets import Dataset  # noqa: E402
 from plotting import loss_history, plot_loss  # noqa: E402
 from smollm2 import load_smollm2, smollm2_path  # noqa: E402
+from trl import SFTConfig, SFTTrainer  # noqa: E402
 
 import peft_reft  # noqa: E402,F401  (registers the REFT tuner type with peft)
 from peft_reft import ReftConfig  # noqa: E402
@@ -85,7 +86,7 @@ def answer(model, tokenizer, prompts: list[str], max_new_tokens: int = 30) -> li
     """Greedy answers to `prompts`, batched with left padding (the interventions find the prompt themselves)."""
     tokenizer.padding_side = "left"
     texts = [tokenizer.apply_chat_template(chat(p), tokenize=False, add_generation_prompt=True) for p in prompts]
-    batch = tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False)
+    batch = tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False).to(model.device)
     model.eval()
     with torch.no_grad():
         out = model.generate(**batch, max_new_tokens=max_new_tokens, do_sample=False,
@@ -151,6 +152,8 @@ def main(argv=None):
     args = parse_args(argv)
     if args.quick:
         args.steps, args.held_out = 3, 2
+    device_defaults = runtime.setup()
+    print(f"Outputs (adapter, loss.png): {Path(args.output_dir).resolve()}")
     torch.manual_seed(args.seed)
     start = time.time()
     model, tokenizer = load_smollm2()
@@ -167,9 +170,8 @@ def main(argv=None):
     training_args = SFTConfig(
         output_dir=args.output_dir, max_steps=args.steps, per_device_train_batch_size=len(TRAIN_PAIRS),
         learning_rate=args.lr, lr_scheduler_type=args.lr_scheduler, warmup_steps=0, weight_decay=0.0, logging_steps=1,
-        max_length=args.max_length, gradient_checkpointing=False, use_cpu=True, bf16=False, report_to=[],
-        save_strategy="no", seed=args.seed,
-        disable_tqdm=False, log_level="warning",
+        max_length=args.max_length, gradient_checkpointing=False, report_to=[], save_strategy="no", seed=args.seed,
+        disable_tqdm=False, log_level="warning", **device_defaults,
     )
     trainer = SFTTrainer(model=model, args=training_args, train_dataset=data, processing_class=tokenizer,
                          peft_config=config)
@@ -204,5 +206,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     main()

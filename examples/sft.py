@@ -9,12 +9,13 @@ python examples/sft.py --dataset_name data.jsonl --output_dir out/reft \
     --reft_layers 4,10,16,22 --reft_rank 4 --reft_positions f3+l3 --reft_share_weights \
     --learning_rate 4e-3 --num_train_epochs 3 --per_device_train_batch_size 8
 
-# several processes (DDP); on GPUs drop --use_cpu
+# several processes (DDP); on a CPU-only machine this starts 2 gloo processes
 accelerate launch --multi_gpu --num_processes 2 examples/sft.py --dataset_name data.jsonl --output_dir out/reft
 ```
 
 After training, the adapter (`adapter_config.json`, `adapter_model.safetensors`) and `loss.png` are in
-`--output_dir`.
+`--output_dir`. Without a GPU the script trains on the CPU in float32 (`--use_cpu true --bf16 false`, TRL's `bf16=True`
+default needs a GPU) with the CPU threads the load leaves free (`OMP_NUM_THREADS` overrides); it says which.
 """
 
 from __future__ import annotations
@@ -25,6 +26,9 @@ from pathlib import Path
 from typing import Optional
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+import runtime  # noqa: E402
+
+runtime.quiet_library_warnings()  # before peft/TRL import bitsandbytes, which logs a note about an optional kernel
 
 import peft_reft  # noqa: E402,F401  (registers the REFT tuner type with peft)
 from peft_reft import ReftConfig  # noqa: E402
@@ -131,14 +135,18 @@ def main(script_args, training_args, model_args, reft_args):
     accelerator.end_training()  # also tears down the process group under DDP
 
 
-def make_parser():
+def make_parser(device_defaults: Optional[dict] = None):
+    """TRL's parser over the script, SFT, model and ReFT arguments; `device_defaults` (from `runtime.setup()`) replace
+    TRL's defaults where the device needs it (on a CPU: `--use_cpu true --bf16 false` unless given)."""
     from trl import ModelConfig, ScriptArguments, SFTConfig, TrlParser
 
-    return TrlParser((ScriptArguments, SFTConfig, ModelConfig, ReftArguments))
+    parser = TrlParser((ScriptArguments, SFTConfig, ModelConfig, ReftArguments))
+    parser.set_defaults(**(device_defaults or {}))
+    return parser
 
 
 if __name__ == "__main__":
-    script_args, training_args, model_args, reft_args = make_parser().parse_args_and_config()
+    script_args, training_args, model_args, reft_args = make_parser(runtime.setup()).parse_args_and_config()
     if model_args.use_peft:
         raise SystemExit("--use_peft builds a LoRA adapter; this script trains ReFT: use the --reft_* flags instead.")
     main(script_args, training_args, model_args, reft_args)

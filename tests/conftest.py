@@ -1,10 +1,18 @@
 """Tiny models built from configs (no hub access) and shared fixtures."""
 
+import sys
+from pathlib import Path
+
 import pytest
 import torch
 from transformers import AutoModelForCausalLM, GPT2Config, LlamaConfig, Qwen2Config
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples"))
+from runtime import cpu_threads  # noqa: E402
+
 VOCAB = 97
+# as in the examples: on a busy machine, threads that wait for each other cost more than they bring
+torch.set_num_threads(cpu_threads()[0])
 
 
 def tiny_config(arch: str = "llama", layers: int = 4, hidden: int = 32, initializer_range: float = 0.2):

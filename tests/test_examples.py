@@ -31,17 +31,6 @@ def test_is_emoji_only():
     assert not is_emoji_only("🌤️\ufffd")  # a broken multi-byte emoji
 
 
-@pytest.mark.slow
-def test_quickstart_quick_run(tmp_path):
-    out = run([EXAMPLES / "quickstart.py", "--quick", "--output-dir", tmp_path / "adapter"], cwd=tmp_path)
-    assert "before (base model)" in out and "after (ReFT)" in out
-    assert "Emoji-only answers to 2 unseen prompts" in out
-    assert "trainable params: 18,448" in out and "Adapter on disk:" in out
-    assert "Tokens the interventions edit ([edited]), 6 of" in out  # f1+l5 with shared weights: one window kind
-    assert (tmp_path / "adapter" / "adapter_model.safetensors").exists()
-    assert (tmp_path / "adapter" / "loss.png").exists()
-
-
 def test_sft_help_documents_every_reft_flag():
     out = run([EXAMPLES / "sft.py", "--help"], cwd=ROOT)
     for flag in ("--reft_layers", "--reft_component", "--reft_rank", "--reft_positions", "--reft_intervention",

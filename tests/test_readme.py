@@ -1,7 +1,10 @@
-"""The README's Python snippets run as written (on the real SmolLM2-135M-Instruct and all-MiniLM-L6-v2, offline)."""
+"""Every snippet and command of README.md and examples/README.md runs as written (smoke-sized), offline, on the real
+SmolLM2-135M-Instruct and all-MiniLM-L6-v2."""
 
+import json
 import os
 import re
+import shlex
 import subprocess
 import sys
 from pathlib import Path
@@ -9,34 +12,130 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
+DOCS = [ROOT / "README.md", ROOT / "examples" / "README.md"]
+
+# how each Python snippet is recognised, and what its output must show
+SNIPPETS = {
+    "model.print_trainable_parameters()                # trainable params: 18,448": "trainable params: 18,448",
+    "peft_config=ReftConfig(layers=[8]": "train_loss",
+    'task_type="SEQ_CLS"': "trainable params: 19,226",
+}
+# extra flags that make a documented command smoke-sized (appended; the command itself is run as written)
+SMOKE_FLAGS = {
+    "examples/quickstart.py": ["--quick"],
+    "examples/sft.py": ["--max_steps", "2", "--logging_steps", "1", "--save_strategy", "no"],
+    "examples/classification.py": ["--steps", "10"],
+}
+# commands that are not run here, and why
+NOT_RUN = {
+    "make test": "this test suite itself",
+    "pip install": "the install step of `make test` (Makefile `install`) runs these",
+}
 
 
-def _python_blocks(markdown: str) -> list[str]:
+def python_blocks(markdown: str) -> list[str]:
     return re.findall(r"```python\n(.*?)```", markdown, flags=re.S)
 
 
-def _run_block(marker, tmp_path):
-    """Run the first Python block of the README that contains `marker`."""
-    block = next(b for b in _python_blocks((ROOT / "README.md").read_text()) if marker in b)
-    script = tmp_path / "snippet.py"
-    script.write_text(block)
-    (tmp_path / "examples").symlink_to(ROOT / "examples")  # the snippet runs from the repository root
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    result = subprocess.run([sys.executable, str(script)], cwd=tmp_path, capture_output=True, text=True, env=env,
-                            timeout=600)
-    assert result.returncode == 0, result.stderr[-3000:]
+def bash_commands(markdown: str) -> list[str]:
+    """The commands of the ```bash blocks: continuation lines joined, comments dropped."""
+    commands = []
+    for block in re.findall(r"```bash\n(.*?)```", markdown, flags=re.S):
+        for command in block.replace("\\\n", " ").splitlines():
+            command = " ".join(shlex.split(command, comments=True))
+            if command:
+                commands.append(command)
+    return commands
+
+
+def documented_commands() -> list[str]:
+    return sorted({c for doc in DOCS for c in bash_commands(doc.read_text())})
+
+
+def env():
+    return {**os.environ, "PYTHONPATH": str(ROOT), "TOKENIZERS_PARALLELISM": "false"}
+
+
+def write_data(folder: Path) -> None:
+    """The local data files the commands name: conversational prompt/completion rows."""
+    rows = [{"prompt": [{"role": "user", "content": f"What is {i} plus {i}?"}],
+             "completion": [{"role": "assistant", "content": f"{2 * i}"}]} for i in range(16)]
+    for name in ("data.jsonl", "my.jsonl"):
+        (folder / name).write_text("\n".join(json.dumps(r) for r in rows))
+
+
+def _run(argv, cwd, timeout=900):
+    """Run `argv`; return its stdout. Fails on a non-zero exit or on a warning raised by peft_reft itself."""
+    result = subprocess.run(argv, cwd=cwd, capture_output=True, text=True, env=env(), timeout=timeout)
+    assert result.returncode == 0, " ".join(argv) + "\n" + result.stdout[-3000:] + result.stderr[-3000:]
+    assert "peft_reft/" not in result.stderr, result.stderr[-3000:]  # e.g. "peft_reft/model.py:1: UserWarning"
     return result.stdout
 
 
-@pytest.mark.slow
-def test_readme_quickstart_runs(tmp_path):
-    assert "trainable params: 18,448" in _run_block("load_smollm2", tmp_path)
-    assert (tmp_path / "reft-adapter" / "adapter_model.safetensors").exists()
+def test_every_snippet_is_run_here():
+    blocks = [b for doc in DOCS for b in python_blocks(doc.read_text())]
+    unrun = [b[:200] for b in blocks if not any(marker in b for marker in SNIPPETS)]
+    assert not unrun, f"README snippets without a test (add a marker to SNIPPETS): {unrun}"
+
+
+def test_install_commands_are_what_make_installs():
+    makefile = (ROOT / "Makefile").read_text()
+    for command in documented_commands():
+        if command.startswith("pip install"):
+            packages = [w for w in command.split()[2:] if not w.startswith("-") and w != "."]
+            assert all(p in makefile for p in packages), (command, "is not part of `make install`")
 
 
 @pytest.mark.slow
-def test_readme_classification_snippet_runs(tmp_path):
-    out = _run_block('task_type="SEQ_CLS"', tmp_path)
-    assert "trainable params: 19,226" in out
-    accuracy = float(re.search(r"^accuracy ([0-9.]+)$", out, flags=re.M).group(1))
-    assert accuracy >= 0.95, out[-2000:]
+@pytest.mark.parametrize("marker", list(SNIPPETS))
+def test_readme_snippet_runs(marker, tmp_path):
+    block = next(b for doc in DOCS for b in python_blocks(doc.read_text()) if marker in b)
+    (tmp_path / "snippet.py").write_text(block)
+    (tmp_path / "examples").symlink_to(ROOT / "examples")  # the snippets run from the repository root
+    out = _run([sys.executable, "snippet.py"], tmp_path)
+    assert SNIPPETS[marker] in out, out[-2000:]
+    if 'task_type="SEQ_CLS"' in marker:
+        accuracy = float(re.search(r"^accuracy ([0-9.]+)$", out, flags=re.M).group(1))
+        assert accuracy >= 0.95, out[-2000:]
+    if marker.startswith("model.print_trainable"):
+        assert (tmp_path / "outputs" / "reft-adapter" / "adapter_model.safetensors").exists()
+    if "SFTTrainer" in block:
+        assert (tmp_path / "outputs" / "sft" / "adapter_model.safetensors").exists()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("command", documented_commands(), ids=lambda c: c[:70])
+def test_readme_command_runs(command, tmp_path):
+    reason = next((why for prefix, why in NOT_RUN.items() if command.startswith(prefix)), None)
+    if reason is not None:
+        assert command in ("make test",) or command.startswith("pip install"), command
+        return  # covered by `test_install_commands_are_what_make_installs` / by running this suite
+    argv = command.split()
+    script = next((a for a in argv if a in SMOKE_FLAGS), None)
+    write_data(tmp_path)
+    (tmp_path / "examples").symlink_to(ROOT / "examples")
+    if argv[0] == "make":
+        argv = ["make", "-C", str(ROOT), *argv[1:], f"PYTHON={sys.executable}",
+                f"QUICKSTART_ARGS=--quick --output-dir {tmp_path / 'quickstart'}"]
+        out = _run(argv, tmp_path)
+        assert (tmp_path / "quickstart" / "adapter_model.safetensors").exists(), out[-2000:]
+        return
+    if argv[0] == "python":
+        argv[0] = sys.executable
+    if script is not None and "--help" not in argv:
+        argv += SMOKE_FLAGS[script]
+    out = _run(argv, tmp_path)
+    if "--help" in argv:
+        assert "--reft_layers" in out
+    elif script == "examples/sft.py":
+        output_dir = Path(tmp_path, argv[argv.index("--output_dir") + 1])
+        config = json.loads((output_dir / "adapter_config.json").read_text())
+        assert config["peft_type"] == "REFT" and (output_dir / "adapter_model.safetensors").exists()
+    elif script == "examples/quickstart.py":
+        assert "Emoji-only answers to 2 unseen prompts" in out and "trainable params: 18,448" in out
+        assert "Tokens the interventions edit ([edited]), 6 of" in out  # f1+l5 with shared weights: one window kind
+        assert "Device: CPU" in out and "Adapter on disk:" in out
+        written = {p.name for p in (tmp_path / "outputs" / "quickstart").iterdir()}
+        assert {"adapter_model.safetensors", "loss.png"} <= written
+    elif script == "examples/classification.py":
+        assert re.search(r"Test accuracy, ReFT \+ linear head: +[0-9.]+", out), out[-2000:]
