@@ -70,7 +70,9 @@ class OrthonormalRotation(nn.Module):
     def forward(self) -> torch.Tensor:
         if self.weight.requires_grad:
             return orthonormal_rows(self.weight)
-        key = (self.weight.data_ptr(), self.weight._version, self.weight.dtype, self.weight.device)
+        # an R computed under torch.inference_mode() cannot enter a graph that autograd records later: keyed apart
+        inference = torch.is_inference_mode_enabled()
+        key = (self.weight.data_ptr(), self.weight._version, self.weight.dtype, self.weight.device, inference)
         if self._cache is None or self._cache[0] != key:
             with torch.no_grad():
                 self._cache = (key, orthonormal_rows(self.weight))

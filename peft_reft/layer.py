@@ -1,10 +1,18 @@
 """`ReftLayer`: a transformer layer wrapped so that its output (or its attention / MLP output) is edited at the
-positions of the current call."""
+positions of the current call.
+
+Positions travel with the call, never as attributes left on modules: `ReftModel` runs the transformers model inside
+`call_positions(positions)`, a context variable that is set for that call only (and per thread, so concurrent calls
+do not see each other's positions). A layer that runs outside such a call (the wrapped transformers model called
+directly) raises an error that says so.
+"""
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 from functools import partial
-from typing import Any, Optional
+from typing import Any, Iterator, Optional
 
 import torch
 from peft.tuners.tuners_utils import BaseTunerLayer
@@ -12,6 +20,38 @@ from torch import nn
 
 from .config import ReftConfig
 from .interventions import build_intervention
+
+# adapter name -> LongTensor [batch, groups, P] of token indices (-1 = empty slot) for the call in progress;
+# {} = edit nothing in this call (e.g. a decode step of `generate`); unset = not inside a call of the PeftModel
+_CALL_POSITIONS: contextvars.ContextVar[Optional[dict[str, torch.Tensor]]] = contextvars.ContextVar(
+    "reft_call_positions", default=None
+)
+# the positions of the forward call whose checkpointed layer the backward pass is recomputing (see ReftLayer)
+_RECOMPUTE_POSITIONS: contextvars.ContextVar[Optional[dict[str, torch.Tensor]]] = contextvars.ContextVar(
+    "reft_recompute_positions", default=None
+)
+
+NO_POSITIONS_MESSAGE = (
+    "A ReFT layer ran outside a call of the PeftModel, so it has no intervention positions: the transformers model "
+    "inside the PeftModel (e.g. `peft_model.base_model.model.model(...)` or `peft_model.get_base_model()(...)`) was "
+    "called directly. Call the PeftModel itself (`peft_model(**batch)` / `peft_model.generate(...)`): it derives the "
+    "positions from the batch and hands them to the layers for that call."
+)
+
+
+@contextlib.contextmanager
+def call_positions(positions: dict[str, torch.Tensor]) -> Iterator[None]:
+    """Make `positions` (adapter name -> `[batch, groups, P]` token indices) the positions of the ReFT layers that run
+    inside this block, in this thread only; restored on exit."""
+    token = _CALL_POSITIONS.set(positions)
+    try:
+        yield
+    finally:
+        _CALL_POSITIONS.reset(token)
+
+
+def _inside_backward() -> bool:
+    return torch._C._current_graph_task_id() != -1
 
 # the submodule of a transformer layer whose output each component names, looked up by attribute name
 COMPONENT_SUBMODULES = {
@@ -42,14 +82,12 @@ class ReftLayer(nn.Module, BaseTunerLayer):
 
     Per adapter, `reft_interventions[adapter]` is a `ModuleList` of the layer's interventions: index g edits the
     tokens of group g (see `peft_reft.positions`), and `reft_component[adapter]` names what they edit. The positions
-    of the current call are set by `ReftModel` in `positions` (adapter name -> LongTensor `[batch, groups, P]` of token
-    indices, -1 = empty slot) for the duration of a forward pass; an empty dict means "edit nothing in this call"
-    (decode steps of `generate`).
+    of a call reach the layer through `call_positions` (set by `ReftModel` for the duration of that call).
 
     Attention / MLP outputs are edited by a forward hook on that submodule, inside the layer. Under gradient
-    checkpointing the layer's inside runs again during backward, after the forward pass is over: a gradient hook on
-    the layer's output hands the positions of *that* forward pass back to the submodule hooks just before the
-    recomputation, so the recomputed edit is the one of the forward pass.
+    checkpointing the layer's inside runs again during backward, after the call is over: a gradient hook on the
+    layer's output, created by the forward call and holding that call's positions, hands them to the backward pass
+    just before the recomputation, where the submodule hooks read them (only while a backward pass runs).
     """
 
     adapter_layer_names = ("reft_interventions",)
@@ -61,8 +99,6 @@ class ReftLayer(nn.Module, BaseTunerLayer):
         self.hidden_size = hidden_size
         self.reft_interventions = nn.ModuleDict({})
         self.reft_component: dict[str, str] = {}
-        self.positions: Optional[dict[str, torch.Tensor]] = None
-        self._inner_positions: Optional[dict[str, torch.Tensor]] = None  # during the base layer's (re)computation
         self._component_hooks: dict[str, Any] = {}
         self._active_adapter = adapter_name
         self._disable_adapters = False
@@ -93,6 +129,13 @@ class ReftLayer(nn.Module, BaseTunerLayer):
         self.reft_component[adapter_name] = component
         self.set_adapter(self.active_adapters, inference_mode=config.inference_mode)
 
+    def delete_adapter(self, adapter_name: str) -> None:
+        """Delete an adapter; the hook on an attention / MLP submodule goes with the last adapter that edits it."""
+        super().delete_adapter(adapter_name)
+        in_use = set(self.reft_component.values())
+        for component in [c for c in self._component_hooks if c not in in_use]:
+            self._component_hooks.pop(component).remove()
+
     def remove_component_hooks(self) -> None:
         """Detach the hooks on the attention / MLP submodules (when the base layer is handed back by `unload`)."""
         for handle in self._component_hooks.values():
@@ -110,50 +153,36 @@ class ReftLayer(nn.Module, BaseTunerLayer):
 
     def _edits_of_this_call(self) -> dict[str, torch.Tensor]:
         """Adapter -> positions for the adapters of this layer that edit in the current call."""
-        positions = self.positions
-        if not positions or self._disable_adapters:  # {}: nothing to edit in this call (e.g. a decode step)
-            if positions is None and not self._disable_adapters and any(
-                name in self.reft_interventions for name in self.active_adapters
-            ):
-                raise RuntimeError(
-                    "A ReFT layer ran without intervention positions. Call the model through the PeftModel returned "
-                    "by `get_peft_model` / `PeftModel.from_pretrained` (its forward and generate supply the "
-                    "positions), not through the wrapped transformers model."
-                )
+        if self._disable_adapters:
+            return {}
+        positions = _CALL_POSITIONS.get()
+        if positions is None:
+            if any(name in self.reft_interventions for name in self.active_adapters):
+                raise RuntimeError(NO_POSITIONS_MESSAGE)
             return {}
         interventions = self.reft_interventions
         return {name: where for name, where in positions.items() if name in interventions}
 
     def forward(self, *args: Any, **kwargs: Any):
         edits = self._edits_of_this_call()
+        output = self.base_layer(*args, **kwargs)  # component edits happen inside, in the submodule hooks
         if not self._component_hooks:  # every adapter of this layer edits the block output
-            output = self.base_layer(*args, **kwargs)
             return self._edit_output(output, edits) if edits else output
-        inner = {name: where for name, where in edits.items() if self.reft_component[name] != "block_output"}
-        self._inner_positions = inner
-        try:
-            output = self.base_layer(*args, **kwargs)
-        finally:
-            self._inner_positions = None
         hidden = output[0] if isinstance(output, tuple) else output
         if torch.is_grad_enabled() and hidden.requires_grad:
-            # a checkpointed layer recomputes its inside during backward: give it back this call's positions first
-            hidden.register_hook(partial(self._restore_inner_positions, inner))
+            # a checkpointed layer recomputes its inside during backward: hand it this call's edits first
+            inner = {name: where for name, where in edits.items() if self.reft_component[name] != "block_output"}
+            hidden.register_hook(partial(_recompute_with, inner))
         block = {name: where for name, where in edits.items() if self.reft_component[name] == "block_output"}
         return self._edit_output(output, block) if block else output
 
-    def _restore_inner_positions(self, inner: dict[str, torch.Tensor], grad: torch.Tensor) -> None:
-        self._inner_positions = inner
-
     def _edit_component(self, component: str, module: nn.Module, args: Any, output: Any):
         """Forward hook on the attention / MLP submodule: edit its output for the adapters editing `component`."""
-        if self._inner_positions is None:
-            raise RuntimeError(
-                f"The {component} of a ReFT layer ran outside a call of that layer: call the model through the "
-                "PeftModel, not its submodules."
-            )
-        edits = {name: where for name, where in self._inner_positions.items()
-                 if self.reft_component[name] == component}
+        if _CALL_POSITIONS.get() is None and _inside_backward():  # the recomputation of a checkpointed layer
+            edits = _RECOMPUTE_POSITIONS.get() or {}
+        else:
+            edits = self._edits_of_this_call()
+        edits = {name: where for name, where in edits.items() if self.reft_component.get(name) == component}
         return self._edit_output(output, edits) if edits else None
 
     def _edit_output(self, output: Any, edits: dict[str, torch.Tensor]) -> Any:
@@ -198,3 +227,9 @@ class ReftLayer(nn.Module, BaseTunerLayer):
 
     def __repr__(self) -> str:
         return "reft." + super().__repr__()
+
+
+def _recompute_with(positions: Optional[dict[str, torch.Tensor]], grad: torch.Tensor) -> None:
+    """Gradient hook on a layer's output: the backward pass is about to recompute that (checkpointed) layer, so its
+    attention / MLP hooks get the positions of the forward call that produced the output."""
+    _RECOMPUTE_POSITIONS.set(positions)

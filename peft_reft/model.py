@@ -4,9 +4,9 @@ intervention positions to them."""
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import re
-import warnings
-from typing import Any, Iterator, Optional
+from typing import Any, Optional
 
 import torch
 from peft.tuners.tuners_utils import BaseTuner, _get_submodules, _remove_adapter_name_from_state_dict_key
@@ -14,7 +14,7 @@ from peft.utils import TaskType
 from torch import nn
 
 from .config import ReftConfig
-from .layer import ReftLayer, component_module
+from .layer import ReftLayer, call_positions, component_module
 from .positions import intervention_group_map, locations_from_group_map, positions_per_group
 
 INTERVENTION_LOCATIONS = "intervention_locations"
@@ -22,6 +22,18 @@ BASE_ADAPTER = "__base__"  # in `adapter_names`: the example runs without any ad
 CLASSIFIER_MODULE_NAMES = ("classifier", "score")  # the heads peft's SEQ_CLS model adds to `modules_to_save`
 # models whose layers see hidden states laid out [seq_len, batch, hidden]: a square batch could not be told apart
 TIME_MAJOR_MODEL_TYPES = ("xlnet", "fsmt")
+# `adapter_names=[...]` of the mixed-adapter call in progress (set by `_enable_peft_forward_hooks`, per thread)
+_BATCH_ADAPTER_NAMES: contextvars.ContextVar[Optional[list[str]]] = contextvars.ContextVar(
+    "reft_batch_adapter_names", default=None
+)
+# the `generate` call in progress in this thread (its model-call hooks act only for it)
+_GENERATION: contextvars.ContextVar[Optional[object]] = contextvars.ContextVar("reft_generation", default=None)
+
+
+def _kv_cache(kwargs: dict[str, Any]):
+    """The KV cache of a model call: `cache` (transformers >= 5.24) or `past_key_values`."""
+    cache = kwargs.get("cache")
+    return cache if cache is not None else kwargs.get("past_key_values")
 
 
 def _text_config(model: nn.Module):
@@ -88,7 +100,6 @@ class ReftModel(BaseTuner):
     prefix: str = "reft_"
     tuner_layer_cls = ReftLayer
     target_module_mapping: dict = {}
-    _batch_adapter_names: Optional[list[str]] = None  # set during a mixed-adapter forward (`adapter_names=[...]`)
 
     # ----------------------------------------------------------------------------------------------- injection
     def _prepare_adapter_config(self, peft_config: ReftConfig, model_config: dict) -> ReftConfig:
@@ -197,9 +208,6 @@ class ReftModel(BaseTuner):
         return self.model
 
     # ----------------------------------------------------------------------------------------------- positions
-    def _reft_layers(self) -> list[ReftLayer]:
-        return [module for module in self.model.modules() if isinstance(module, ReftLayer)]
-
     def _active_reft_configs(self) -> dict[str, ReftConfig]:
         return {name: self.peft_config[name] for name in self.active_adapters if name in self.peft_config}
 
@@ -213,7 +221,8 @@ class ReftModel(BaseTuner):
             rule = (config.positions, config.share_weights, classification)
             if rule not in by_rule:
                 by_rule[rule] = intervention_group_map(
-                    config.position_spec, config.share_weights, batch, classification
+                    config.position_spec, config.share_weights, batch, classification,
+                    head_pad_token_id=self._classifier_pad_token_id() if classification else None,
                 )
             maps[name] = by_rule[rule]
         return maps
@@ -226,7 +235,7 @@ class ReftModel(BaseTuner):
         empty. P is fixed by the config (e.g. N + M for shared `fN+lM`) or by the width of explicit
         locations, so nothing is read back from the device."""
         explicit = batch.get(INTERVENTION_LOCATIONS)
-        per_example = self._batch_adapter_names
+        per_example = _BATCH_ADAPTER_NAMES.get()
         if adapters is None and per_example is not None:
             if len(per_example) != len(self._batch_rows(batch)):
                 raise ValueError(
@@ -267,22 +276,20 @@ class ReftModel(BaseTuner):
                 f"adapter_names contains {unknown}, which are not adapters of this model; use one of "
                 f"{sorted(self.peft_config)} or {BASE_ADAPTER!r}."
             )
-        self._batch_adapter_names = list(adapter_names)
+        token = _BATCH_ADAPTER_NAMES.set(list(adapter_names))
         try:
             yield
         finally:
-            self._batch_adapter_names = None
+            _BATCH_ADAPTER_NAMES.reset(token)
 
-    @contextlib.contextmanager
-    def _positions(self, positions: Optional[dict[str, torch.Tensor]]) -> Iterator[list[ReftLayer]]:
-        layers = self._reft_layers()
-        for layer in layers:
-            layer.positions = positions
-        try:
-            yield layers
-        finally:
-            for layer in layers:
-                layer.positions = None
+    def _classifier_pad_token_id(self) -> Optional[int]:
+        """For a decoder classifier (a `score` head, e.g. LlamaForSequenceClassification), the padding id by which
+        transformers finds the token the head reads: the rightmost token that is not padding. None for encoders
+        (their head reads a pooled first token) and for decoders without a padding id (they read the last token)."""
+        if not isinstance(getattr(self.model, "score", None), nn.Module):
+            return None
+        pad_token_id = getattr(_text_config(self.model), "pad_token_id", None)
+        return pad_token_id if isinstance(pad_token_id, int) else None
 
     @staticmethod
     def _non_empty_cache(past_key_values) -> bool:
@@ -299,35 +306,39 @@ class ReftModel(BaseTuner):
         locations = kwargs.pop(INTERVENTION_LOCATIONS, None)
         batch = {**kwargs, "input_ids": kwargs.get("input_ids", args[0] if args else None),
                  INTERVENTION_LOCATIONS: locations}
-        if locations is None and self._non_empty_cache(kwargs.get("past_key_values")):
+        if locations is None and self._non_empty_cache(_kv_cache(kwargs)):
             raise ValueError(
                 "ReFT cannot derive prompt positions for a forward pass that continues a non-empty KV cache; use "
                 "`generate` (which edits the prompt once, at prefill) or pass `intervention_locations`."
             )
         if self.training and locations is None and kwargs.get("labels") is None:
-            self._warn_unlabelled_training_forward()
-        with self._positions(self.intervention_positions(batch)):
+            self._check_unlabelled_training_forward()
+        with call_positions(self.intervention_positions(batch)):
             return self.model(*args, **kwargs)
 
-    def _warn_unlabelled_training_forward(self) -> None:
-        prompt_based = any(
-            not c.position_spec.all and c.task_type == TaskType.CAUSAL_LM for c in self._active_reft_configs().values()
+    def _check_unlabelled_training_forward(self) -> None:
+        prompt_based = sorted(
+            name for name, c in self._active_reft_configs().items()
+            if not c.position_spec.all and c.task_type == TaskType.CAUSAL_LM
         )
-        if prompt_based and not getattr(self, "_warned_unlabelled", False):
-            self._warned_unlabelled = True
-            warnings.warn(
-                "ReFT: a training forward pass without `labels` or `intervention_locations` treats every attended "
-                "token as prompt. If the inputs contain completions (e.g. a custom compute_loss_func), use "
-                "`peft_reft.ReftDataCollator` so that each batch carries explicit `intervention_locations`."
+        if prompt_based:
+            raise ValueError(
+                f"ReFT adapter(s) {prompt_based} edit prompt positions, but this training forward pass has neither "
+                "`labels` (-100 on the prompt) nor `intervention_locations`, so the prompt cannot be told from the "
+                "completion. Pass `labels`, or add `intervention_locations` to each batch with "
+                "`peft_reft.ReftDataCollator(reft_config, pad_token_id=...)` as the data collator, or use "
+                "positions='all'. For inference, call `model.eval()` first: the whole input is then the prompt."
             )
 
     # ----------------------------------------------------------------------------------------------- generation
     def generate(self, *args: Any, **kwargs: Any):
-        """`transformers` generate with the interventions applied to the prompt, in the prefill pass only.
+        """`transformers` generate with the interventions applied to the prompt: in the prefill pass with a KV cache
+        (decode steps then cost what the base model costs), in every step without one (`use_cache=False`).
 
         Positions are derived from the prompt's 2-D `attention_mask` (left or right padding) or given as
         `intervention_locations` for the prompt. With `positions="all"` every generated token is edited as well.
-        Beam search and `num_return_sequences` are supported.
+        Greedy search, sampling, beam search and `num_return_sequences` are supported; `assistant_model` (assisted
+        decoding) and `prefill_chunk_size` are refused.
         """
         locations = kwargs.pop(INTERVENTION_LOCATIONS, None)
         for unsupported in ("assistant_model", "prefill_chunk_size"):
@@ -335,9 +346,10 @@ class ReftModel(BaseTuner):
                 raise ValueError(
                     f"ReFT does not support `generate(..., {unsupported}=...)`: it needs one prefill pass."
                 )
-        if self._non_empty_cache(kwargs.get("past_key_values")):
+        if self._non_empty_cache(_kv_cache(kwargs)):
             raise ValueError(
-                "ReFT cannot continue generation from a non-empty `past_key_values`: pass the full prompt."
+                "ReFT cannot continue generation from a non-empty KV cache (`cache` / `past_key_values`): pass the "
+                "full prompt."
             )
         prompt = {
             "input_ids": kwargs.get("input_ids", args[0] if args else None),
@@ -346,31 +358,72 @@ class ReftModel(BaseTuner):
             INTERVENTION_LOCATIONS: locations,
         }
         prompt_positions = self.intervention_positions(prompt)
-        edit_new_tokens = [name for name in prompt_positions if self.peft_config[name].position_spec.all]
-        calls = 0
+        prompt_length = self._batch_rows(prompt).shape[1]
+        every_token = [name for name in prompt_positions if self.peft_config[name].position_spec.all]
+        this_generation = object()  # the hooks below act for the model calls of this generate call only
+        scopes = []
 
-        def set_positions(module, call_args, call_kwargs):
-            nonlocal calls
-            calls += 1
+        def enter_step(module, call_args, call_kwargs):
+            if _GENERATION.get() is not this_generation:
+                return  # a call of another thread's generate
             new_ids = call_kwargs.get("input_ids", call_args[0] if call_args else None)
             reference = new_ids if new_ids is not None else call_kwargs["inputs_embeds"]
-            batch_size, new_tokens = reference.shape[:2]
-            if calls == 1:  # prefill: the prompt positions, repeated for beams / num_return_sequences
-                positions = {
-                    name: p.repeat_interleave(batch_size // p.shape[0], dim=0) for name, p in prompt_positions.items()
-                }
-            else:  # decode step: only positions='all' edits the new token(s); prompt positions cost nothing here
-                mask = call_kwargs.get("attention_mask")
-                step = {"input_ids": reference, "attention_mask": None}
-                if mask is not None and mask.dim() == 2:
-                    step["attention_mask"] = mask[:, -new_tokens:]
-                positions = self.intervention_positions(step, edit_new_tokens) if edit_new_tokens else {}
-            for layer in layers:
-                layer.positions = positions
+            cache = _kv_cache(call_kwargs)
+            done = cache.get_seq_length() if self._non_empty_cache(cache) else 0  # tokens already in the KV cache
+            if cache is None and reference.shape[1] < prompt_length:
+                raise RuntimeError(
+                    f"ReFT cannot place the prompt edits in a generation step of {reference.shape[1]} token(s) for a "
+                    f"{prompt_length}-token prompt without a KV cache object in the call (`cache` / `past_key_values`)."
+                )
+            scope = call_positions(self._step_positions(
+                prompt_positions, every_token, prompt_length, done, reference, call_kwargs.get("attention_mask")
+            ))
+            scope.__enter__()
+            scopes.append(scope)
 
-        with self._positions({}) as layers:
-            handle = self.model.register_forward_pre_hook(set_positions, with_kwargs=True)
-            try:
-                return self.model.generate(*args, **kwargs)
-            finally:
+        def leave_step(module, call_args, call_kwargs, output):
+            if _GENERATION.get() is this_generation and scopes:
+                scopes.pop().__exit__(None, None, None)
+
+        token = _GENERATION.set(this_generation)
+        handles = [
+            self.model.register_forward_pre_hook(enter_step, with_kwargs=True),
+            self.model.register_forward_hook(leave_step, with_kwargs=True, always_call=True),
+        ]
+        try:
+            return self.model.generate(*args, **kwargs)
+        finally:
+            for handle in handles:
                 handle.remove()
+            _GENERATION.reset(token)
+
+    def _step_positions(
+        self,
+        prompt_positions: dict[str, torch.Tensor],
+        every_token: list[str],
+        prompt_length: int,
+        done: int,
+        step_ids: torch.Tensor,
+        attention_mask: Optional[torch.Tensor],
+    ) -> dict[str, torch.Tensor]:
+        """Positions for one model call of `generate`, which runs tokens `done .. done + new` of the sequence.
+
+        Prompt positions are edited where the call covers them: all of them in the prefill pass, and again in every
+        step of a generation without KV cache (`use_cache=False`), which reruns the whole sequence; none in a cached
+        decode step, which costs what the base model costs. `positions="all"` adapters edit every new token.
+        """
+        batch_size, new_tokens = step_ids.shape[:2]
+        positions = {}
+        if done < prompt_length:
+            for name, where in prompt_positions.items():
+                if name in every_token:
+                    continue
+                if done:  # a call that starts inside the prompt (generate rejects the cases that lead here)
+                    where = torch.where((where >= done) & (where < done + new_tokens), where - done, -1)
+                positions[name] = where.repeat_interleave(batch_size // where.shape[0], dim=0)  # beams, samples
+        if every_token:
+            step = {"input_ids": step_ids, "attention_mask": None}
+            if attention_mask is not None and attention_mask.dim() == 2:
+                step["attention_mask"] = attention_mask[:, -new_tokens:]
+            positions.update(self.intervention_positions(step, every_token))
+        return positions

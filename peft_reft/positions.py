@@ -156,14 +156,20 @@ def _reject_packed_rows(batch: Mapping[str, Any]) -> None:
 
 
 def intervention_group_map(
-    spec: PositionSpec, share_weights: bool, batch: Mapping[str, Any], classification: bool = False
+    spec: PositionSpec,
+    share_weights: bool,
+    batch: Mapping[str, Any],
+    classification: bool = False,
+    head_pad_token_id: int | None = None,
 ) -> torch.Tensor:
     """The group map `[B, L]` of a batch: its explicit `intervention_locations` if present, else derived.
 
     `batch` holds the model inputs: `input_ids` or `inputs_embeds`, and optionally `attention_mask` (2-D), `labels`,
     `intervention_locations`, `position_ids`. Packed rows (no attention mask, restarting position ids) are rejected
     for prompt positions, since the prompt of each packed sequence cannot be told apart. With `classification`
-    (sequence classification), `labels` are classes: the windows are placed on the whole attended input.
+    (sequence classification), `labels` are classes: the windows are placed on the whole attended input, which for a
+    decoder classifier (`head_pad_token_id` given) ends at the token its head reads, the rightmost token of
+    `input_ids` that is not `head_pad_token_id` (transformers' rule; with pad == eos a trailing eos is not read).
     """
     reference = batch.get("input_ids")
     if reference is None:
@@ -186,6 +192,10 @@ def intervention_group_map(
             f"ReFT derives positions from a 2-D attention_mask of shape {[batch_size, seq_len]}, got one of shape "
             f"{list(attention_mask.shape)}. Pass the 2-D padding mask, or explicit `intervention_locations`."
         )
+    if classification and head_pad_token_id is not None and batch.get("input_ids") is not None:
+        index = torch.arange(seq_len, device=reference.device)
+        read = (index * (batch["input_ids"] != head_pad_token_id)).amax(dim=1, keepdim=True)  # the token the head reads
+        attended = attended & (index <= read)
     if spec.all:
         return torch.where(attended, 0, -1)
     labels = None if classification else batch.get("labels")

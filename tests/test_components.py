@@ -160,5 +160,14 @@ def test_architecture_without_the_submodule_is_named_in_the_error():
 def test_calling_a_submodule_directly_is_refused():
     model = get_peft_model(tiny_model(), _config("mlp_output", layers=[1]))
     mlp = model.base_model.model.model.layers[1].base_layer.mlp
-    with pytest.raises(RuntimeError, match="The mlp_output of a ReFT layer ran outside a call of that layer"):
+    with pytest.raises(RuntimeError, match="ran outside a call of the PeftModel, so it has no intervention positions"):
         mlp(torch.zeros(1, 2, tiny_config().hidden_size))
+
+
+def test_deleting_the_last_component_adapter_removes_its_hook():
+    model = get_peft_model(tiny_model(), _config("block_output", layers=[1]))
+    model.add_adapter("mlp", _config("mlp_output", layers=[1]))
+    mlp = model.base_model.model.model.layers[1].base_layer.mlp
+    assert len(mlp._forward_hooks) == 1
+    model.delete_adapter("mlp")
+    assert len(mlp._forward_hooks) == 0

@@ -42,13 +42,14 @@ def _no_cache_reference(model, prompt, everything):
     return seq[:, n:]
 
 
+@pytest.mark.parametrize("use_cache", [True, False])
 @pytest.mark.parametrize("positions", ["f2+l2", "all"])
 @pytest.mark.parametrize("component", ["block_output", "attention_output", "mlp_output"])
-def test_cached_generation_equals_no_cache_reference(positions, component):
+def test_generation_equals_no_cache_reference(positions, component, use_cache):
     model = _model(positions, component=component)
     ids, mask = padded_batch([7], seed=4)
     expected = _no_cache_reference(model, ids, everything=positions == "all")
-    assert torch.equal(_greedy(model, ids, mask), expected)
+    assert torch.equal(_greedy(model, ids, mask, use_cache=use_cache), expected)
     with model.disable_adapter():
         base = _greedy(model, ids, mask)
     assert not torch.equal(base, expected)  # the adapter matters for this test to mean anything
@@ -136,3 +137,27 @@ def test_unsupported_generate_options_are_rejected():
     ids, mask = padded_batch([5], seed=2)
     with pytest.raises(ValueError, match=r"does not support `generate\(..., prefill_chunk_size=...\)`"):
         model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=2, prefill_chunk_size=2)
+
+
+@pytest.mark.parametrize("mode", [{"num_beams": 3, "num_return_sequences": 2}, {"do_sample": True, "top_k": 5}])
+def test_beams_and_sampling_give_the_same_with_and_without_cache(mode):
+    model = _model()
+    ids, mask = padded_batch([7, 5], side="left", seed=4)
+    outputs = []
+    for use_cache in (True, False):
+        torch.manual_seed(0)
+        outputs.append(model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=NEW, pad_token_id=0,
+                                      use_cache=use_cache, **{"do_sample": False, **mode}))
+    assert torch.equal(outputs[0], outputs[1])
+    with model.disable_adapter():
+        torch.manual_seed(0)
+        plain = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=NEW, pad_token_id=0,
+                               **{"do_sample": False, **mode})
+    assert not torch.equal(plain, outputs[0])
+
+
+def test_assisted_generation_is_refused():
+    model = _model()
+    ids, mask = padded_batch([7], seed=4)
+    with pytest.raises(ValueError, match=r"ReFT does not support `generate\(..., assistant_model=...\)`"):
+        model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=2, assistant_model=tiny_model())

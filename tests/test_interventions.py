@@ -4,7 +4,7 @@ import pytest
 import torch
 from reference import gram_schmidt_rows, reference_edit
 
-from peft_reft.interventions import INTERVENTIONS, build_intervention, orthonormal_rows
+from peft_reft.interventions import INTERVENTIONS, OrthonormalRotation, build_intervention, orthonormal_rows
 
 D, R = 24, 4
 EXPECTED_PARAMS = {
@@ -127,3 +127,12 @@ def test_trainable_rotation_is_recomputed_even_after_fused_optimizer_steps():
         after = module.rotation
     assert not torch.allclose(after, before)
     torch.testing.assert_close(after, orthonormal_rows(module.rotate_layer.weight.detach()), atol=1e-6, rtol=0)
+
+
+def test_rotation_cached_under_inference_mode_serves_a_later_training_step():
+    rotation = OrthonormalRotation(16, 3).requires_grad_(False)
+    with torch.inference_mode():
+        rotation()
+    x = torch.randn(4, 16, requires_grad=True)
+    (x @ rotation().T).square().sum().backward()  # R enters an autograd graph: must not be an inference tensor
+    assert x.grad is not None and not rotation().is_inference()

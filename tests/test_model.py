@@ -235,10 +235,17 @@ def test_layers_all_wraps_every_decoder_layer():
     assert sum(isinstance(m, ReftLayer) for m in model.modules()) == tiny_config().num_hidden_layers
 
 
-def test_calling_the_wrapped_transformers_model_directly_is_an_error():
-    model = get_peft_model(tiny_model(), _config())
-    with pytest.raises(RuntimeError, match="ran without intervention positions. Call the model through the PeftModel"):
-        model.base_model.model(input_ids=_batch()["input_ids"])
+@pytest.mark.parametrize("component", ["block_output", "mlp_output"])
+def test_calling_the_wrapped_transformers_model_directly_is_an_error(component):
+    model = get_peft_model(tiny_model(), _config(component=component)).eval()
+    ids = _batch()["input_ids"]
+    model(input_ids=ids)  # a call of the PeftModel leaves nothing behind for the next call to find
+    for inner in (model.base_model.model, model.base_model.model.model):  # the causal LM, its backbone (TRL does)
+        with pytest.raises(RuntimeError, match=r"ran outside a call of the PeftModel, so it has no intervention "
+                                               r"positions: .*Call the PeftModel itself"):
+            inner(input_ids=ids)
+    with model.disable_adapter():  # no adapter active: the backbone is the base model
+        torch.testing.assert_close(model.base_model.model(input_ids=ids).logits, tiny_model()(input_ids=ids).logits)
 
 
 def test_packed_batches_are_rejected_for_prompt_positions():
@@ -263,3 +270,43 @@ def test_modules_to_save_are_trained_and_saved(tmp_path):
     model.save_pretrained(tmp_path)
     assert any("norm" in k for k in load_file(tmp_path / "adapter_model.safetensors"))
     assert torch.equal(_logits(PeftModel.from_pretrained(tiny_model(), tmp_path)), expected)
+
+
+def test_concurrent_calls_from_threads_each_use_their_own_positions():
+    import threading
+
+    model = get_peft_model(tiny_model(), _config(init_weights=False)).eval()
+    batches = [padded_batch([7, 4], side=side, seed=seed) for seed in range(3) for side in ("left", "right")]
+    with torch.no_grad():
+        expected = [model(input_ids=ids, attention_mask=mask).logits for ids, mask in batches]
+    failures, results = [], {}
+
+    def work(index):
+        ids, mask = batches[index]
+        try:
+            for _ in range(10):
+                with torch.no_grad():
+                    results.setdefault(index, []).append(model(input_ids=ids, attention_mask=mask).logits)
+        except Exception as error:  # noqa: BLE001  (collected and reported below)
+            failures.append(repr(error))
+
+    threads = [threading.Thread(target=work, args=(i,)) for i in range(len(batches))]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert not failures, failures[:3]
+    for index, logits in results.items():
+        assert len(logits) == 10 and all(torch.equal(x, expected[index]) for x in logits), index
+
+
+def test_training_forward_without_labels_is_an_error():
+    model = get_peft_model(tiny_model(), _config())
+    model.train()
+    ids = _batch()["input_ids"]
+    with pytest.raises(ValueError, match=r"\['default'\] edit prompt positions, but this training forward pass has "
+                                         r"neither `labels`.*call `model.eval\(\)` first"):
+        model(input_ids=ids)
+    model(input_ids=ids, labels=ids.masked_fill(torch.arange(ids.shape[1]) < 3, -100))  # labels: fine
+    model(input_ids=ids, intervention_locations=torch.zeros(ids.shape[0], 2, 1, dtype=torch.long))  # explicit: fine
+    get_peft_model(tiny_model(), _config(positions="all")).train()(input_ids=ids)  # every token: no prompt needed

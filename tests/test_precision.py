@@ -72,6 +72,7 @@ def test_half_precision_forward_backward_and_generate(dtype):
     reference = get_peft_model(tiny_model(), ReftConfig(layers=[1, 2], low_rank_dimension=3, positions="f2+l2",
                                                         init_weights=False))
     reference.load_state_dict({k: v.float() for k, v in model.state_dict().items()})
+    model.eval(), reference.eval()
     with torch.no_grad():
         torch.testing.assert_close(model(input_ids=ids, attention_mask=mask).logits.float(),
                                    reference(input_ids=ids, attention_mask=mask).logits, atol=0.15, rtol=0.05)

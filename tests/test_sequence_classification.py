@@ -188,3 +188,30 @@ def test_collator_places_positions_on_the_whole_input():
         explicit = model(**batch).logits
         derived = model(**{k: v for k, v in batch.items() if k != "intervention_locations"}).logits
     torch.testing.assert_close(explicit, derived)
+
+
+@pytest.mark.parametrize("side", ["left", "right"])
+def test_decoder_classifier_last_window_ends_at_the_token_the_head_reads(side):
+    """pad == eos: each row ends with an eos that transformers' head does not read (it reads the rightmost token that
+    is not padding). An `l1` edit must land on the token read, so it changes the scores."""
+    config = CONFIGS["llama"]()
+    config.eos_token_id = config.pad_token_id = 2
+    torch.manual_seed(0)
+    base = AutoModelForSequenceClassification.from_config(config).eval()
+    ids, mask = padded_batch([6, 4], side=side, seed=3)
+    ids = torch.where(mask.bool(), ids, 2)
+    eos_at = mask.sum(1) - 1 if side == "right" else torch.full((2,), ids.shape[1] - 1)
+    ids[torch.arange(2), eos_at] = 2  # the last attended token of each row is an eos, as TRL's reward data has it
+    read = [int(torch.nonzero(row != 2).max()) for row in ids]
+    model = get_peft_model(base, _config(layers=[1], positions="l1"))
+    with torch.no_grad():
+        for module in model.modules():  # a clearly non-zero edit
+            if hasattr(module, "learned_source") and isinstance(module.learned_source, torch.nn.Linear):
+                module.learned_source.bias.fill_(3.0)
+    group_map = model.base_model.group_maps({"input_ids": ids, "attention_mask": mask})["default"]
+    assert [torch.nonzero(row >= 0).flatten().tolist() for row in group_map] == [[r] for r in read]
+    with torch.no_grad():
+        scores = model(input_ids=ids, attention_mask=mask).logits
+        with model.disable_adapter():
+            plain = model(input_ids=ids, attention_mask=mask).logits
+    assert (scores - plain).abs().min() > 1e-3

@@ -1,7 +1,6 @@
 """Training with TRL's SFTTrainer: a ReftConfig in place of a LoraConfig, nothing else changed."""
 
 import sys
-import warnings
 from pathlib import Path
 
 import pytest
@@ -98,27 +97,40 @@ def assert_learns(trainer):
 
 
 class EditedTokens:
-    """Records, per example and forward pass, the token ids each intervention of the first ReFT layer edits."""
+    """Finds, per example and forward pass, the token ids each intervention of the first ReFT layer edits, from the
+    layer's behaviour: where its output differs from its base layer's output, and which intervention's delta makes
+    the difference. Needs a non-identity adapter (init_weights=False, or trained)."""
 
     def __init__(self, peft_model, adapter="default"):
-        self.records, self._ids = [], None
+        self.records, self._ids, self._base = [], None, None
         layer = next(m for m in peft_model.modules() if isinstance(m, ReftLayer))
-        groups = len(layer.reft_interventions[adapter])
+        self._interventions = layer.reft_interventions[adapter]
         self._handles = [
             peft_model.get_input_embeddings().register_forward_hook(lambda m, a, o: setattr(self, "_ids", a[0])),
-            layer.register_forward_pre_hook(lambda m, a: self._record(m.positions.get(adapter), groups)),
+            layer.base_layer.register_forward_hook(lambda m, a, o: setattr(self, "_base", _hidden(o))),
+            layer.register_forward_hook(lambda m, a, o: self._record(_hidden(o))),
         ]
 
-    def _record(self, locations, groups):
-        if locations is None:
-            return
-        for row in range(locations.shape[0]):
-            edited = [locations[row, g][locations[row, g] >= 0] for g in range(groups)]
-            self.records.append(tuple(tuple(self._ids[row][index].tolist()) for index in edited))
+    @torch.no_grad()
+    def _record(self, edited):
+        for row in range(edited.shape[0]):
+            base, difference = self._base[row], (edited[row] - self._base[row]).float()
+            changed = difference.abs().amax(dim=-1) > 0
+            per_group = []
+            for intervention in self._interventions:
+                delta = intervention.delta(base).float()
+                explains = (difference - delta).abs().amax(dim=-1) <= 1e-4 * (1 + base.abs().amax(dim=-1).float())
+                per_group.append(changed & explains)
+            assert not (changed & ~torch.stack(per_group).any(0)).any(), "an edit that no intervention explains"
+            self.records.append(tuple(tuple(self._ids[row][mask].tolist()) for mask in per_group))
 
     def remove(self):
         for handle in self._handles:
             handle.remove()
+
+
+def _hidden(output):
+    return output[0] if isinstance(output, tuple) else output
 
 
 def _generation_record(trainer, tokenizer, prompt_ids):
@@ -133,7 +145,7 @@ def _generation_record(trainer, tokenizer, prompt_ids):
 def test_prompt_completion_trains_and_positions_match_generation(tokenizer, tmp_path, conversational):
     trainer = SFTTrainer(
         model=tiny_model(tokenizer), args=sft_args(tmp_path), train_dataset=prompt_completion(conversational),
-        processing_class=tokenizer, peft_config=reft_config(),
+        processing_class=tokenizer, peft_config=reft_config(init_weights=False),
     )
     spy = EditedTokens(trainer.model)
     trainer.train()
@@ -157,7 +169,7 @@ def test_prompt_completion_trains_and_positions_match_generation(tokenizer, tmp_
 def test_multi_turn_assistant_only_loss_uses_the_last_turn_as_prompt(tokenizer, tmp_path):
     trainer = SFTTrainer(
         model=tiny_model(tokenizer), args=sft_args(tmp_path, assistant_only_loss=True, max_length=128),
-        train_dataset=multi_turn(), processing_class=tokenizer, peft_config=reft_config(),
+        train_dataset=multi_turn(), processing_class=tokenizer, peft_config=reft_config(init_weights=False),
     )
     spy = EditedTokens(trainer.model)
     trainer.train()
@@ -200,18 +212,17 @@ def test_custom_compute_loss_func_needs_the_collator(tokenizer, tmp_path):
         return torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels[:, 1:].reshape(-1),
                                                  ignore_index=-100)
 
-    with pytest.warns(UserWarning, match="training forward pass without `labels` or `intervention_locations`"):
+    with pytest.raises(ValueError, match=r"this training forward pass has neither `labels` \(-100 on the prompt\) "
+                                         r"nor `intervention_locations`.*ReftDataCollator"):
         SFTTrainer(model=tiny_model(tokenizer), args=sft_args(tmp_path, max_steps=2), train_dataset=prompt_completion(),
                    processing_class=tokenizer, peft_config=reft_config(), compute_loss_func=compute_loss_func).train()
     config = reft_config()
-    with warnings.catch_warnings():
-        warnings.filterwarnings("error", message=".*without `labels` or `intervention_locations`")
-        trainer = SFTTrainer(
-            model=tiny_model(tokenizer), args=sft_args(tmp_path), train_dataset=prompt_completion(),
-            processing_class=tokenizer, peft_config=config, compute_loss_func=compute_loss_func,
-            data_collator=ReftDataCollator(config, pad_token_id=tokenizer.pad_token_id),
-        )
-        trainer.train()
+    trainer = SFTTrainer(
+        model=tiny_model(tokenizer), args=sft_args(tmp_path), train_dataset=prompt_completion(),
+        processing_class=tokenizer, peft_config=config, compute_loss_func=compute_loss_func,
+        data_collator=ReftDataCollator(config, pad_token_id=tokenizer.pad_token_id),
+    )
+    trainer.train()
     assert_learns(trainer)
 
 
