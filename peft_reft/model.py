@@ -14,7 +14,7 @@ from peft.utils import TaskType
 from torch import nn
 
 from .config import ReftConfig
-from .layer import ReftLayer, call_positions, component_module
+from .layer import _CALL_POSITIONS, ReftLayer, call_positions, component_module
 from .positions import intervention_group_map, locations_from_group_map, positions_per_group
 
 INTERVENTION_LOCATIONS = "intervention_locations"
@@ -360,8 +360,7 @@ class ReftModel(BaseTuner):
         prompt_positions = self.intervention_positions(prompt)
         prompt_length = self._batch_rows(prompt).shape[1]
         every_token = [name for name in prompt_positions if self.peft_config[name].position_spec.all]
-        this_generation = object()  # the hooks below act for the model calls of this generate call only
-        scopes = []
+        this_generation = object()  # the hook below acts for the model calls of this generate call only
 
         def enter_step(module, call_args, call_kwargs):
             if _GENERATION.get() is not this_generation:
@@ -370,32 +369,27 @@ class ReftModel(BaseTuner):
             reference = new_ids if new_ids is not None else call_kwargs["inputs_embeds"]
             cache = _kv_cache(call_kwargs)
             done = cache.get_seq_length() if self._non_empty_cache(cache) else 0  # tokens already in the KV cache
+            if done >= prompt_length and not every_token:  # a cached decode step: nothing to edit, nothing to pay
+                _CALL_POSITIONS.set({})
+                return
             if cache is None and reference.shape[1] < prompt_length:
                 raise RuntimeError(
                     f"ReFT cannot place the prompt edits in a generation step of {reference.shape[1]} token(s) for a "
                     f"{prompt_length}-token prompt without a KV cache object in the call (`cache` / `past_key_values`)."
                 )
-            scope = call_positions(self._step_positions(
+            # the positions of this model call; the next call replaces them, and generate's end restores the caller's
+            _CALL_POSITIONS.set(self._step_positions(
                 prompt_positions, every_token, prompt_length, done, reference, call_kwargs.get("attention_mask")
             ))
-            scope.__enter__()
-            scopes.append(scope)
 
-        def leave_step(module, call_args, call_kwargs, output):
-            if _GENERATION.get() is this_generation and scopes:
-                scopes.pop().__exit__(None, None, None)
-
-        token = _GENERATION.set(this_generation)
-        handles = [
-            self.model.register_forward_pre_hook(enter_step, with_kwargs=True),
-            self.model.register_forward_hook(leave_step, with_kwargs=True, always_call=True),
-        ]
+        generation, outer = _GENERATION.set(this_generation), _CALL_POSITIONS.set({})
+        handle = self.model.register_forward_pre_hook(enter_step, with_kwargs=True)
         try:
             return self.model.generate(*args, **kwargs)
         finally:
-            for handle in handles:
-                handle.remove()
-            _GENERATION.reset(token)
+            handle.remove()
+            _CALL_POSITIONS.reset(outer)
+            _GENERATION.reset(generation)
 
     def _step_positions(
         self,
