@@ -16,6 +16,7 @@ from torch import nn
 from .config import ReftConfig
 from .layer import _CALL_POSITIONS, ReftLayer, call_positions, component_module
 from .positions import intervention_group_map, locations_from_group_map, positions_per_group
+from .trainers import calling_trainer, trainer_problem
 
 INTERVENTION_LOCATIONS = "intervention_locations"
 BASE_ADAPTER = "__base__"  # in `adapter_names`: the example runs without any adapter
@@ -126,6 +127,12 @@ class ReftModel(BaseTuner):
         return peft_config
 
     def _check_model_fits(self, peft_config: ReftConfig) -> None:
+        trainer, trainer_args = calling_trainer()
+        if trainer is not None:
+            prompt_positions = not peft_config.position_spec.all and peft_config.task_type == TaskType.CAUSAL_LM
+            problem = trainer_problem(trainer, trainer_args, prompt_positions)
+            if problem:
+                raise ValueError(problem)
         name = type(self.model).__name__
         model_type = getattr(_text_config(self.model), "model_type", None)
         if model_type in TIME_MAJOR_MODEL_TYPES:
@@ -322,10 +329,12 @@ class ReftModel(BaseTuner):
             if not c.position_spec.all and c.task_type == TaskType.CAUSAL_LM
         )
         if prompt_based:
+            trainer = calling_trainer()[0]
+            caller = f" (called by {type(trainer).__name__})" if trainer is not None else ""
             raise ValueError(
-                f"ReFT adapter(s) {prompt_based} edit prompt positions, but this training forward pass has neither "
-                "`labels` (-100 on the prompt) nor `intervention_locations`, so the prompt cannot be told from the "
-                "completion. Pass `labels`, or add `intervention_locations` to each batch with "
+                f"ReFT adapter(s) {prompt_based} edit prompt positions, but this training forward pass{caller} has "
+                "neither `labels` (-100 on the prompt) nor `intervention_locations`, so the prompt cannot be told "
+                "from the completion. Pass `labels`, or add `intervention_locations` to each batch with "
                 "`peft_reft.ReftDataCollator(reft_config, pad_token_id=...)` as the data collator, or use "
                 "positions='all'. For inference, call `model.eval()` first: the whole input is then the prompt."
             )

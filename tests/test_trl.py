@@ -7,6 +7,7 @@ import pytest
 import torch
 from datasets import Dataset
 from peft import PeftModel
+from spies import EditedTokens
 from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig
 from trl import SFTConfig, SFTTrainer
 
@@ -96,43 +97,6 @@ def assert_learns(trainer):
     assert sum(values[-3:]) / 3 < 0.85 * sum(values[:3]) / 3, values
 
 
-class EditedTokens:
-    """Finds, per example and forward pass, the token ids each intervention of the first ReFT layer edits, from the
-    layer's behaviour: where its output differs from its base layer's output, and which intervention's delta makes
-    the difference. Needs a non-identity adapter (init_weights=False, or trained)."""
-
-    def __init__(self, peft_model, adapter="default"):
-        self.records, self._ids, self._base = [], None, None
-        layer = next(m for m in peft_model.modules() if isinstance(m, ReftLayer))
-        self._interventions = layer.reft_interventions[adapter]
-        self._handles = [
-            peft_model.get_input_embeddings().register_forward_hook(lambda m, a, o: setattr(self, "_ids", a[0])),
-            layer.base_layer.register_forward_hook(lambda m, a, o: setattr(self, "_base", _hidden(o))),
-            layer.register_forward_hook(lambda m, a, o: self._record(_hidden(o))),
-        ]
-
-    @torch.no_grad()
-    def _record(self, edited):
-        for row in range(edited.shape[0]):
-            base, difference = self._base[row], (edited[row] - self._base[row]).float()
-            changed = difference.abs().amax(dim=-1) > 0
-            per_group = []
-            for intervention in self._interventions:
-                delta = intervention.delta(base).float()
-                explains = (difference - delta).abs().amax(dim=-1) <= 1e-4 * (1 + base.abs().amax(dim=-1).float())
-                per_group.append(changed & explains)
-            assert not (changed & ~torch.stack(per_group).any(0)).any(), "an edit that no intervention explains"
-            self.records.append(tuple(tuple(self._ids[row][mask].tolist()) for mask in per_group))
-
-    def remove(self):
-        for handle in self._handles:
-            handle.remove()
-
-
-def _hidden(output):
-    return output[0] if isinstance(output, tuple) else output
-
-
 def _generation_record(trainer, tokenizer, prompt_ids):
     model = trainer.model
     spy = EditedTokens(model)
@@ -212,10 +176,10 @@ def test_custom_compute_loss_func_needs_the_collator(tokenizer, tmp_path):
         return torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels[:, 1:].reshape(-1),
                                                  ignore_index=-100)
 
-    with pytest.raises(ValueError, match=r"this training forward pass has neither `labels` \(-100 on the prompt\) "
-                                         r"nor `intervention_locations`.*ReftDataCollator"):
+    with pytest.raises(ValueError, match=r"SFTTrainer with a compute_loss_func computes the loss outside the model "
+                                         r"and calls it without labels.*ReftDataCollator"):
         SFTTrainer(model=tiny_model(tokenizer), args=sft_args(tmp_path, max_steps=2), train_dataset=prompt_completion(),
-                   processing_class=tokenizer, peft_config=reft_config(), compute_loss_func=compute_loss_func).train()
+                   processing_class=tokenizer, peft_config=reft_config(), compute_loss_func=compute_loss_func)
     config = reft_config()
     trainer = SFTTrainer(
         model=tiny_model(tokenizer), args=sft_args(tmp_path), train_dataset=prompt_completion(),

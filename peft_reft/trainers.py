@@ -1,0 +1,100 @@
+"""Which TRL trainers train ReFT on the right tokens, and the up-front refusal of those that cannot.
+
+A ReFT adapter with prompt positions (`fN`, `lM`) must know, in every training forward pass, where each prompt ends.
+`ReftModel` reads that from `labels` (-100 on the prompt) or explicit `intervention_locations`. TRL's trainers differ
+in what they pass to the model:
+
+- `SFTTrainer`: `labels`, -100 on the prompt: trains. Not with `label_smoothing_factor` or `compute_loss_func`
+  unless `ReftDataCollator` is the data collator (the loss forward pass then has no labels).
+- `DPOTrainer`, `KTOTrainer`: `labels` of the completion (the reference forward runs with the adapter disabled):
+  train.
+- `GRPOTrainer`, `RLOOTrainer`: `labels` of the completion, generation through `PeftModel.generate`: train. Not with
+  `use_vllm=True` (vLLM generates without the edits).
+- `RewardTrainer`: a classifier's input (`task_type="SEQ_CLS"`): trains; the last window ends at the token the score
+  head reads.
+- `DistillationTrainer`: runs the transformers backbone inside the PeftModel directly: refused.
+- Every other TRL trainer (`trl.experimental`: ORPO, CPO, GKD, Online DPO, TPO, ...): no labels mark the prompt:
+  refused with prompt positions; `positions="all"` trains.
+
+The check runs when the trainer wraps the model (`get_peft_model` inside the trainer's `__init__`): the trainer and
+its arguments are found on the call stack. Trainers from other libraries are not checked here; their forward passes
+are checked one by one (a training forward without labels or locations is an error).
+"""
+
+from __future__ import annotations
+
+import sys
+from typing import Any, Optional
+
+SUPPORTED = ("SFTTrainer", "DPOTrainer", "KTOTrainer", "GRPOTrainer", "RLOOTrainer", "RewardTrainer")
+# trainers that run the transformers model inside the PeftModel themselves: no positions reach the layers
+CALLS_THE_BACKBONE = ("DistillationTrainer",)
+WHAT_WORKS = (
+    "TRL trainers that train ReFT adapters with prompt positions: " + ", ".join(SUPPORTED) + ". Other trainers work "
+    "with ReftConfig(positions='all'), which edits every token and needs no prompt."
+)
+
+
+def _trl_trainer_name(trainer: Any) -> Optional[str]:
+    """The name of the first class of `trainer`'s MRO defined in TRL (so user subclasses count as their TRL base)."""
+    for cls in type(trainer).__mro__:
+        if cls.__module__.split(".")[0] == "trl":
+            return cls.__name__
+    return None
+
+
+def calling_trainer(max_depth: int = 40) -> tuple[Any, dict[str, Any]]:
+    """The `transformers.Trainer` whose `__init__` (or method) is on the call stack, and that frame's locals; or
+    (None, {}) when the model is not being wrapped by a trainer."""
+    trainer_cls = getattr(sys.modules.get("transformers"), "Trainer", None)
+    frame = sys._getframe(1)
+    for _ in range(max_depth):
+        if frame is None or trainer_cls is None:
+            break
+        candidate = frame.f_locals.get("self")
+        if isinstance(candidate, trainer_cls):
+            return candidate, dict(frame.f_locals)
+        frame = frame.f_back
+    return None, {}
+
+
+def trainer_problem(trainer: Any, local_args: dict[str, Any], prompt_positions: bool) -> Optional[str]:
+    """Why `trainer` (being constructed with the arguments `local_args`) cannot train a ReFT adapter, or None."""
+    name = _trl_trainer_name(trainer)
+    if name is None:
+        return None
+    if name in CALLS_THE_BACKBONE:
+        return (
+            f"TRL's {name} runs the student's transformers backbone directly (inside the PeftModel), so the ReFT "
+            "layers never receive intervention positions. " + WHAT_WORKS.split(". ")[0] + "."
+        )
+    if name not in SUPPORTED:
+        if not prompt_positions:
+            return None
+        return (
+            f"TRL's {name} calls the model without labels that mark the prompt, so ReFT cannot place prompt "
+            f"positions ('fN' / 'lM') on the right tokens. {WHAT_WORKS}"
+        )
+    args = local_args.get("args")
+    if name in ("GRPOTrainer", "RLOOTrainer") and getattr(args, "use_vllm", False):
+        return (
+            f"TRL's {name} with use_vllm=True generates the completions with vLLM, which runs the base model without "
+            "the ReFT edits, so the policy that is trained is not the one that generated. Set use_vllm=False: "
+            "generation then goes through PeftModel.generate, which applies the edits."
+        )
+    if name == "SFTTrainer" and prompt_positions:
+        from .collator import ReftDataCollator
+
+        collator = local_args.get("data_collator")
+        smoothing = getattr(args, "label_smoothing_factor", 0) or 0
+        if (smoothing > 0 or local_args.get("compute_loss_func") is not None) and not isinstance(
+            collator, ReftDataCollator
+        ):
+            reason = f"label_smoothing_factor={smoothing}" if smoothing > 0 else "a compute_loss_func"
+            return (
+                f"TRL's SFTTrainer with {reason} computes the loss outside the model and calls it without labels, so "
+                "ReFT cannot tell the prompt in that forward pass. Pass "
+                "`data_collator=peft_reft.ReftDataCollator(reft_config, pad_token_id=tokenizer.pad_token_id)`: every "
+                "batch then carries explicit `intervention_locations`."
+            )
+    return None
