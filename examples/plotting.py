@@ -25,7 +25,8 @@ def plot_loss(losses: list[tuple[int, float]], path: Path, title: str = "ReFT tr
     steps, values = zip(*losses)
     fig, ax = plt.subplots(figsize=(6, 3.5))
     ax.plot(steps, values, marker="o", markersize=3)
-    ax.set(xlabel="step", ylabel="training loss", title=title, yscale="log")
+    # a log scale shows a falling loss best; DPO/GRPO losses can be zero or negative
+    ax.set(xlabel="step", ylabel="training loss", title=title, yscale="log" if min(values) > 0 else "linear")
     ax.grid(alpha=0.3)
     fig.tight_layout()
     path = Path(path)

@@ -31,14 +31,6 @@ def test_is_emoji_only():
     assert not is_emoji_only("🌤️\ufffd")  # a broken multi-byte emoji
 
 
-def test_sft_help_documents_every_reft_flag():
-    out = run([EXAMPLES / "sft.py", "--help"], cwd=ROOT)
-    for flag in ("--reft_layers", "--reft_component", "--reft_rank", "--reft_positions", "--reft_intervention",
-                 "--reft_share_weights", "--reft_dropout", "--reft_act_fn", "--reft_init_weights", "--dataset_name",
-                 "--learning_rate"):
-        assert flag in out, flag
-
-
 @pytest.mark.slow
 @pytest.mark.parametrize("suffix", [".jsonl", ".parquet"])
 def test_sft_script_on_local_data(tmp_path, suffix):
@@ -67,3 +59,12 @@ def test_sft_script_on_local_data(tmp_path, suffix):
     assert (config["peft_type"], config["layers"], config["low_rank_dimension"], config["positions"],
             config["component"]) == ("REFT", [0, 2], 2, "l2", "mlp_output")
     assert (tmp_path / "out" / "loss.png").exists()
+
+
+@pytest.mark.parametrize("script", ["sft.py", "dpo.py", "grpo.py"])
+def test_scripts_document_every_reft_flag(script):
+    out = run([EXAMPLES / script, "--help"], cwd=ROOT)
+    for flag in ("--reft_layers", "--reft_component", "--reft_rank", "--reft_positions", "--reft_intervention",
+                 "--reft_share_weights", "--reft_dropout", "--reft_act_fn", "--reft_init_weights", "--dataset_name",
+                 "--learning_rate"):
+        assert flag in out, flag

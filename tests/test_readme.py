@@ -25,6 +25,8 @@ SMOKE_FLAGS = {
     "examples/quickstart.py": ["--quick"],
     "examples/sft.py": ["--max_steps", "2", "--logging_steps", "1", "--save_strategy", "no"],
     "examples/classification.py": ["--steps", "10"],
+    "examples/dpo.py": ["--max_steps", "2", "--save_strategy", "no"],
+    "examples/grpo.py": ["--max_steps", "2", "--save_strategy", "no", "--max_completion_length", "4"],
 }
 # commands that are not run here, and why
 NOT_RUN = {
@@ -127,7 +129,7 @@ def test_readme_command_runs(command, tmp_path):
     out = _run(argv, tmp_path)
     if "--help" in argv:
         assert "--reft_layers" in out
-    elif script == "examples/sft.py":
+    elif script in ("examples/sft.py", "examples/dpo.py", "examples/grpo.py"):
         output_dir = Path(tmp_path, argv[argv.index("--output_dir") + 1])
         config = json.loads((output_dir / "adapter_config.json").read_text())
         assert config["peft_type"] == "REFT" and (output_dir / "adapter_model.safetensors").exists()

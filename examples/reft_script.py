@@ -1,0 +1,128 @@
+"""What the TRL-style scripts (`sft.py`, `dpo.py`, `grpo.py`) share: the `--reft_*` flags, local data files, the
+model (SmolLM2 by default), TRL's parser with the defaults of this device, and saving plus a clean exit."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Optional
+
+import peft_reft  # noqa: F401  (registers the REFT tuner type with peft)
+from peft_reft import ReftConfig
+from peft_reft.interventions import INTERVENTIONS
+
+LOCAL_FORMATS = {".json": "json", ".jsonl": "json", ".parquet": "parquet", ".csv": "csv", ".arrow": "arrow"}
+
+
+@dataclass
+class ReftArguments:
+    """The ReFT adapter: each field is `ReftConfig`'s field of the same name without the `reft_` prefix."""
+
+    reft_layers: str = field(
+        default="all",
+        metadata={"help": "Layers to intervene on: 'all' or comma-separated indices, e.g. '4,10'."},
+    )
+    reft_component: str = field(
+        default="block_output",
+        metadata={"help": "What to edit: 'block_output' (the residual stream), 'attention_output' or 'mlp_output'."},
+    )
+    reft_rank: int = field(default=8, metadata={"help": "Rank r of each intervention (low_rank_dimension)."})
+    reft_positions: str = field(
+        default="f7+l7", metadata={"help": "Positions: 'fN', 'lM', 'fN+lM' (first/last prompt tokens) or 'all'."}
+    )
+    reft_intervention: str = field(
+        default="loreft", metadata={"help": f"Intervention type: {', '.join(INTERVENTIONS)}."}
+    )
+    reft_share_weights: bool = field(
+        default=False, metadata={"help": "One intervention per layer for both windows of 'fN+lM'."}
+    )
+    reft_dropout: float = field(default=0.0, metadata={"help": "Dropout on the edit."})
+    reft_act_fn: Optional[str] = field(
+        default=None, metadata={"help": "Activation (ACT2FN key) of the learned source."}
+    )
+    reft_init_weights: bool = field(
+        default=True, metadata={"help": "Identity at init (True) or random init as pyreft (False)."}
+    )
+
+    def to_config(self) -> ReftConfig:
+        layers = "all" if self.reft_layers == "all" else [int(i) for i in self.reft_layers.split(",")]
+        return ReftConfig(
+            layers=layers, component=self.reft_component, low_rank_dimension=self.reft_rank,
+            positions=self.reft_positions,
+            intervention=self.reft_intervention, share_weights=self.reft_share_weights, dropout=self.reft_dropout,
+            act_fn=self.reft_act_fn, init_weights=self.reft_init_weights,
+        )
+
+
+def load_data(name: str, config_name: Optional[str] = None):
+    """A `DatasetDict` from a local file (.json/.jsonl/.parquet/.csv/.arrow), a local folder, or a hub dataset name."""
+    from datasets import load_dataset
+
+    path = Path(name)
+    if path.is_file():
+        suffix = path.suffix.lower()
+        if suffix not in LOCAL_FORMATS:
+            raise ValueError(
+                f"--dataset_name {name}: unknown file type {suffix!r}; use one of {sorted(LOCAL_FORMATS)}."
+            )
+        return load_dataset(LOCAL_FORMATS[suffix], data_files={"train": str(path)})
+    return load_dataset(name, name=config_name)
+
+
+def model_name_and_init_kwargs(model_args, training_args) -> str:
+    """The model to train (`--model_name_or_path`, default the offline SmolLM2-135M-Instruct); sets TRL's
+    `model_init_kwargs` from the `ModelConfig` flags, as TRL's scripts do."""
+    model_name = model_args.model_name_or_path
+    if model_name is None:
+        from smollm2 import smollm2_path
+
+        model_name = str(smollm2_path())
+    training_args.model_init_kwargs = {
+        **(training_args.model_init_kwargs or {}),
+        "dtype": model_args.dtype,
+        "attn_implementation": model_args.attn_implementation,
+        "revision": model_args.model_revision,
+        "trust_remote_code": training_args.trust_remote_code,
+    }
+    return model_name
+
+
+def train_save_and_finish(trainer, training_args) -> None:
+    """Train, save the adapter and `loss.png` to `--output_dir`, and end the run cleanly (also under DDP)."""
+    from plotting import loss_history, plot_loss
+
+    if trainer.accelerator.is_main_process:
+        trainer.model.print_trainable_parameters()
+    trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
+    trainer.save_model(training_args.output_dir)
+    if trainer.accelerator.is_main_process:
+        plot = plot_loss(loss_history(trainer.state.log_history), Path(training_args.output_dir) / "loss.png")
+        curve = f"; loss curve {plot}" if plot else ""
+        trainer.accelerator.print(f"Adapter saved to {training_args.output_dir}{curve}")
+    accelerator = trainer.accelerator
+    # free the DDP model before its process group: freeing it afterwards, at exit, can deadlock gloo's teardown
+    del trainer
+    accelerator.free_memory()
+    accelerator.end_training()  # also tears down the process group under DDP
+
+
+def make_parser(script_args_cls, training_config_cls, device_defaults: Optional[dict] = None):
+    """TRL's parser over the script, training, model and ReFT arguments; `device_defaults` (from `runtime.setup()`)
+    replace TRL's defaults where the device needs it (on a CPU: `--use_cpu true --bf16 false` unless given)."""
+    from trl import ModelConfig, TrlParser
+
+    parser = TrlParser((script_args_cls, training_config_cls, ModelConfig, ReftArguments))
+    parser.set_defaults(**(device_defaults or {}))
+    return parser
+
+
+def run_script(main, script_args_cls, training_config_cls) -> None:
+    """Parse the command line as TRL's scripts do (plus the `--reft_*` flags) and call `main` with the four argument
+    groups; `--use_peft` (TRL's LoRA switch) is refused."""
+    import runtime
+
+    parser = make_parser(script_args_cls, training_config_cls, runtime.setup())
+    script_args, training_args, model_args, reft_args = parser.parse_args_and_config()
+    if model_args.use_peft:
+        raise SystemExit("--use_peft builds a LoRA adapter; this script trains ReFT: use the --reft_* flags instead.")
+    main(script_args, training_args, model_args, reft_args)
