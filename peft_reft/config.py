@@ -48,7 +48,8 @@ class ReftConfig(PeftConfig):
         init_weights (`bool`):
             True: every intervention is the identity at initialisation (peft's convention). False: random, as pyreft.
         target_modules, exclude_modules:
-            Filled in by the tuner from `layers` (the decoder-layer module names); leave them unset.
+            `target_modules` is filled in by the tuner from `layers` (the transformer-layer module names); setting
+            either yourself is an error: choose the layers with `layers`.
         modules_to_save (`list[str]`, *optional*):
             Extra modules to train and save fully (as with LoRA).
         trainable_token_indices (*optional*):
@@ -98,7 +99,7 @@ class ReftConfig(PeftConfig):
         default=None, metadata={"help": "Set by the tuner from `layers`; do not set it yourself."}
     )
     exclude_modules: Optional[Union[list[str], str]] = field(
-        default=None, metadata={"help": "Not used by ReFT (kept for peft's generic code)."}
+        default=None, metadata={"help": "Not supported (choose layers with `layers`); setting it is an error."}
     )
     modules_to_save: Optional[list[str]] = field(
         default=None, metadata={"help": "Modules apart from the interventions to train and save (e.g. a head)."}
@@ -132,8 +133,9 @@ class ReftConfig(PeftConfig):
                 f"ReftConfig: intervention={self.intervention!r} is unknown; use one of {list(INTERVENTIONS)}."
             )
         parse_positions(self.positions)
-        if not 0.0 <= self.dropout < 1.0:
-            raise ValueError(f"ReftConfig: dropout={self.dropout!r} must be in [0, 1).")
+        number = isinstance(self.dropout, (int, float)) and not isinstance(self.dropout, bool)
+        if not number or not 0.0 <= self.dropout < 1.0:
+            raise ValueError(f"ReftConfig: dropout={self.dropout!r} must be a number in [0, 1), e.g. 0.05.")
         if self.act_fn is not None:
             from transformers.activations import ACT2FN
 

@@ -221,9 +221,16 @@ class ReftLayer(nn.Module, BaseTunerLayer):
         try:
             return super().__getattr__(name)
         except AttributeError:
-            if name == "base_layer":
-                raise
-            return getattr(self.base_layer, name)
+            if name == "base_layer" or name.startswith(("reft_", "__")):
+                raise  # a misspelt adapter attribute is ReftLayer's own error, never the wrapped layer's
+            base = super().__getattr__("base_layer")
+            try:
+                return getattr(base, name)
+            except AttributeError:
+                raise AttributeError(
+                    f"'{type(self).__name__}' object has no attribute {name!r} (nor has the wrapped "
+                    f"{type(base).__name__})"
+                ) from None
 
     def __repr__(self) -> str:
         return "reft." + super().__repr__()

@@ -66,6 +66,13 @@ def find_layer_stack(model: nn.Module) -> tuple[str, nn.ModuleList]:
         raise ValueError(
             f"Could not find the transformer layers of {type(model).__name__}: no nn.ModuleList of identical blocks."
         )
+    best = max(c[0] for c in candidates)
+    tied = [name for score, name, _ in candidates if score == best]
+    if len(tied) > 1:
+        raise ValueError(
+            f"{type(model).__name__} has several stacks of transformer layers ({', '.join(tied)}) and ReFT cannot tell "
+            "which one holds the hidden states to edit; it supports models with one stack (decoders and encoders)."
+        )
     _, name, module = max(candidates, key=lambda c: c[0])
     return name, module
 
@@ -123,7 +130,18 @@ class ReftModel(BaseTuner):
                 f"ReftConfig: low_rank_dimension={peft_config.low_rank_dimension} is larger than the model's hidden "
                 f"size {hidden_size}; use 1 <= low_rank_dimension <= {hidden_size}."
             )
-        peft_config.target_modules = rf"{re.escape(stack_name)}\.({'|'.join(str(i) for i in indices)})"
+        target_modules = rf"{re.escape(stack_name)}\.({'|'.join(str(i) for i in indices)})"
+        if peft_config.target_modules not in (None, target_modules):  # a saved config holds the computed value
+            raise ValueError(
+                f"ReftConfig: target_modules={peft_config.target_modules!r} was set, but ReFT picks the layers it "
+                f"wraps from `layers` (here {target_modules!r}); leave target_modules unset and choose with `layers`."
+            )
+        if peft_config.exclude_modules:
+            raise ValueError(
+                f"ReftConfig: exclude_modules={peft_config.exclude_modules!r} is not supported; choose the layers to "
+                "edit with `layers`."
+            )
+        peft_config.target_modules = target_modules
         return peft_config
 
     def _check_model_fits(self, peft_config: ReftConfig) -> None:
@@ -135,6 +153,13 @@ class ReftModel(BaseTuner):
                 raise ValueError(problem)
         name = type(self.model).__name__
         model_type = getattr(_text_config(self.model), "model_type", None)
+        if getattr(getattr(self.model, "config", None), "is_encoder_decoder", False):
+            raise ValueError(
+                f"{name} ({model_type}) is an encoder-decoder model, which ReFT does not support: the prompt is the "
+                "encoder's input while labels and generation live in the decoder, so positions derived from a batch "
+                "would land on the wrong stack. Use a decoder-only model (causal LM) or an encoder with a "
+                "classification head (task_type='SEQ_CLS')."
+            )
         if model_type in TIME_MAJOR_MODEL_TYPES:
             raise ValueError(
                 f"{name} ({model_type}) is not supported: its layers run on hidden states laid out [seq_len, batch, "

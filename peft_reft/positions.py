@@ -36,6 +36,7 @@ import torch
 
 IGNORE_INDEX = -100
 _WINDOW = re.compile(r"^(?:([fl])(\d+))(?:\+([fl])(\d+))?$")
+MAX_WINDOW = 1_000_000  # tokens in one window: longer than any context
 
 
 @dataclass(frozen=True)
@@ -61,11 +62,11 @@ def parse_positions(positions: str) -> PositionSpec:
         sizes = {match.group(1): int(match.group(2))}
         if match.group(3):
             sizes[match.group(3)] = int(match.group(4))
-        if all(size > 0 for size in sizes.values()):
+        if all(0 < size <= MAX_WINDOW for size in sizes.values()):
             return PositionSpec(first=sizes.get("f", 0), last=sizes.get("l", 0))
     raise ValueError(
         f"positions={positions!r} is not valid. Use 'fN' (first N prompt tokens), 'lM' (last M prompt tokens), "
-        "'fN+lM' or 'lM+fN' (both), or 'all' (every attended token), with N, M >= 1, e.g. 'f7+l7'."
+        f"'fN+lM' or 'lM+fN' (both), or 'all' (every attended token), with 1 <= N, M <= {MAX_WINDOW:,}, e.g. 'f7+l7'."
     )
 
 
@@ -118,8 +119,14 @@ def group_map_from_prompt(prompt: torch.Tensor, spec: PositionSpec, share_weight
 
 def group_map_from_locations(locations: torch.Tensor, num_groups: int, batch_size: int, seq_len: int) -> torch.Tensor:
     """Group map `[B, L]` from explicit `intervention_locations` (see the module docstring for the layout)."""
-    if not isinstance(locations, torch.Tensor) or locations.dtype.is_floating_point or locations.dtype == torch.bool:
-        raise ValueError("`intervention_locations` must be an integer tensor of token indices (-1 for an empty slot).")
+    signed = (torch.int8, torch.int16, torch.int32, torch.int64)
+    if not isinstance(locations, torch.Tensor) or locations.dtype not in signed:
+        given = locations.dtype if isinstance(locations, torch.Tensor) else type(locations).__name__
+        raise ValueError(
+            f"`intervention_locations` must be a signed integer tensor of token indices, -1 for an empty slot "
+            f"(torch.long); got {given}."
+        )
+    locations = locations.long()
     given_shape = list(locations.shape)
     if locations.dim() == 2:
         locations = locations.unsqueeze(1)

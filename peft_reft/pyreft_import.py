@@ -42,8 +42,50 @@ def read_pyreft_interventions(path: str | Path) -> tuple[str, dict[tuple[int, in
     return components.pop(), interventions
 
 
+def _check_checkpoint(interventions: dict[tuple[int, int], dict[str, torch.Tensor]], hidden_size: int,
+                      num_layers: int) -> tuple[list[int], int, int]:
+    """Validate every tensor of a pyreft LoReFT checkpoint against the model before anything is built; return the
+    layers, the rank and the number of interventions per layer."""
+    layers = sorted({layer for layer, _ in interventions})
+    out_of_range = [layer for layer in layers if not 0 <= layer < num_layers]
+    if out_of_range:
+        raise ValueError(
+            f"The checkpoint edits layer(s) {out_of_range}; the model has {num_layers} (0..{num_layers - 1})."
+        )
+    per_layer = {layer: sorted(k for lay, k in interventions if lay == layer) for layer in layers}
+    groups = {tuple(ks) for ks in per_layer.values()}
+    if len(groups) != 1 or groups.pop() not in ((0,), (0, 1)):
+        raise ValueError(
+            f"Every layer must have intervention #0, or #0 and #1; the checkpoint has {per_layer} (layer: numbers)."
+        )
+    rank = None
+    for (layer, k), state in sorted(interventions.items()):
+        where = f"intervention #{k} at layer {layer}"
+        if set(state) != {"rotate_layer", "weight", "bias"}:
+            raise ValueError(
+                f"{where} has keys {sorted(state)}; only LoReFT checkpoints (rotate_layer, weight, bias) can be "
+                "imported."
+            )
+        if rank is None:
+            rank = state["weight"].shape[0] if state["weight"].dim() == 2 else -1
+        expected = {"rotate_layer": (hidden_size, rank), "weight": (rank, hidden_size), "bias": (rank,)}
+        for key, shape in expected.items():
+            if tuple(state[key].shape) != shape or not state[key].is_floating_point():
+                raise ValueError(
+                    f"{where}: `{key}` has shape {list(state[key].shape)} ({state[key].dtype}); expected a float "
+                    f"tensor of shape {list(shape)} (hidden size {hidden_size} of the model, rank {rank} of the "
+                    "checkpoint)."
+                )
+    if not 1 <= rank <= hidden_size:
+        raise ValueError(f"The checkpoint's rank {rank} must be in 1..{hidden_size} (the model's hidden size).")
+    return layers, rank, len(per_layer[layers[0]])
+
+
 def from_pyreft(base_model, path: str | Path, positions: str, adapter_name: str = "default"):
     """A `PeftModel` with the LoReFT interventions of the pyreft checkpoint at `path`, edits at `positions`.
+
+    The whole checkpoint is checked against the model (keys, shapes, rank, hidden size, layer indices) before the
+    model is touched: on an error, `base_model` is left as it was.
 
     Args:
         base_model: the transformers model the checkpoint was trained on.
@@ -54,20 +96,11 @@ def from_pyreft(base_model, path: str | Path, positions: str, adapter_name: str 
     """
     from peft import get_peft_model
 
+    from .model import find_layer_stack, hidden_size_of
+
     component, interventions = read_pyreft_interventions(path)
-    layers = sorted({layer for layer, _ in interventions})
-    per_layer = {layer: sorted(k for lay, k in interventions if lay == layer) for layer in layers}
-    groups = {len(ks) for ks in per_layer.values()}
-    if len(groups) != 1 or groups.pop() not in (1, 2):
-        raise ValueError(f"Every layer must have the same number (1 or 2) of interventions; found {per_layer}.")
-    num_groups = len(per_layer[layers[0]])
-    for (layer, k), state in interventions.items():
-        if set(state) != {"rotate_layer", "weight", "bias"}:
-            raise ValueError(
-                f"Intervention #{k} at layer {layer} has keys {sorted(state)}; only LoReFT checkpoints "
-                "(rotate_layer, weight, bias) can be imported."
-            )
-    rank, hidden = interventions[(layers[0], 0)]["weight"].shape
+    layers, rank, num_groups = _check_checkpoint(interventions, hidden_size_of(base_model),
+                                                 len(find_layer_stack(base_model)[1]))
     config = ReftConfig(layers=layers, low_rank_dimension=rank, positions=positions, intervention="loreft",
                         share_weights=num_groups == 1, init_weights=False, component=component)
     if config.num_groups != num_groups:

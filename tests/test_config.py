@@ -23,7 +23,10 @@ def test_fields_are_documented():
 
     inherited = {f.name for f in dataclasses.fields(PeftConfig)}
     own = [f for f in dataclasses.fields(ReftConfig) if f.name not in inherited]
-    assert len(own) >= 9
+    assert {f.name for f in own} == {
+        "layers", "component", "low_rank_dimension", "intervention", "positions", "share_weights", "dropout",
+        "act_fn", "init_weights", "target_modules", "exclude_modules", "modules_to_save", "trainable_token_indices",
+    }
     for f in own:
         assert f.metadata.get("help"), f.name
         if f.name not in ("target_modules", "exclude_modules", "modules_to_save", "trainable_token_indices"):
@@ -59,7 +62,11 @@ def test_json_round_trip(tmp_path):
         ({"low_rank_dimension": 2.0}, r"low_rank_dimension=2.0 must be an integer >= 1"),
         ({"intervention": "lora"}, r"intervention='lora' is unknown; use one of \['loreft', 'noreft'"),
         ({"positions": "f3-l3"}, r"positions='f3-l3' is not valid"),
-        ({"dropout": 1.0}, r"dropout=1.0 must be in \[0, 1\)"),
+        ({"dropout": 1.0}, r"dropout=1.0 must be a number in \[0, 1\)"),
+        ({"dropout": "0.1"}, r"dropout='0.1' must be a number in \[0, 1\), e.g. 0.05"),
+        ({"dropout": True}, r"dropout=True must be a number"),
+        ({"positions": "f1000000000000000000000"}, r"positions='f1000000000000000000000' is not valid.*"
+                                                    r"1 <= N, M <= 1,000,000"),
         ({"act_fn": "swishy"}, r"act_fn='swishy' is not a transformers activation"),
         ({"intervention": "consreft"}, r"init_weights=True cannot give an identity at init: ConsReFT"),
         ({"act_fn": "relu"}, r"init_weights=True cannot give an identity at init: LoReFT with act_fn='relu'"),

@@ -310,3 +310,48 @@ def test_training_forward_without_labels_is_an_error():
     model(input_ids=ids, labels=ids.masked_fill(torch.arange(ids.shape[1]) < 3, -100))  # labels: fine
     model(input_ids=ids, intervention_locations=torch.zeros(ids.shape[0], 2, 1, dtype=torch.long))  # explicit: fine
     get_peft_model(tiny_model(), _config(positions="all")).train()(input_ids=ids)  # every token: no prompt needed
+
+
+@pytest.mark.parametrize("arch", ["t5", "bart"])
+def test_encoder_decoder_models_are_refused_up_front(arch):
+    from transformers import AutoModelForSeq2SeqLM, BartConfig, T5Config
+
+    config = (T5Config(vocab_size=97, d_model=32, d_kv=8, d_ff=64, num_layers=2, num_heads=4) if arch == "t5" else
+              BartConfig(vocab_size=97, d_model=32, encoder_layers=2, decoder_layers=2, encoder_attention_heads=4,
+                         decoder_attention_heads=4, encoder_ffn_dim=64, decoder_ffn_dim=64))
+    base = AutoModelForSeq2SeqLM.from_config(config)
+    with pytest.raises(ValueError, match=rf"\({arch}\) is an encoder-decoder model, which ReFT does not support"):
+        get_peft_model(base, _config(layers="all"))
+    assert not any(isinstance(m, ReftLayer) for m in base.modules())
+
+
+def test_several_equally_likely_layer_stacks_are_not_picked_silently():
+    from peft_reft.model import find_layer_stack
+
+    class TwoStacks(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.config = tiny_config(layers=2)
+            self.left = torch.nn.ModuleList(torch.nn.Linear(4, 4) for _ in range(2))
+            self.right = torch.nn.ModuleList(torch.nn.Linear(4, 4) for _ in range(2))
+
+    with pytest.raises(ValueError, match=r"TwoStacks has several stacks of transformer layers \(left, right\)"):
+        find_layer_stack(TwoStacks())
+
+
+def test_target_and_exclude_modules_are_chosen_by_layers():
+    with pytest.raises(ValueError, match=r"target_modules=\['q_proj'\] was set, but ReFT picks the layers it wraps "
+                                         r"from `layers`"):
+        get_peft_model(tiny_model(), _config(target_modules=["q_proj"]))
+    with pytest.raises(ValueError, match=r"exclude_modules=\['model.layers.1'\] is not supported; choose the layers"):
+        get_peft_model(tiny_model(), _config(exclude_modules=["model.layers.1"]))
+
+
+def test_a_misspelt_attribute_of_a_reft_layer_is_its_own_error():
+    layer = next(m for m in get_peft_model(tiny_model(), _config()).modules() if isinstance(m, ReftLayer))
+    assert layer.self_attn is layer.base_layer.self_attn  # model code reads the wrapped layer's attributes
+    with pytest.raises(AttributeError, match=r"'ReftLayer' object has no attribute 'reft_intervention'$"):
+        layer.reft_intervention
+    with pytest.raises(AttributeError, match=r"'ReftLayer' object has no attribute 'self_atn' \(nor has the wrapped "
+                                             r"LlamaDecoderLayer\)"):
+        layer.self_atn

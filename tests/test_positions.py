@@ -132,8 +132,13 @@ def test_explicit_locations_errors():
         _derive(PositionSpec(2, 0), (2, 4), intervention_locations=torch.zeros(1, 3).long())
     with pytest.raises(ValueError, match=r"index outside \[-1, 3\] for a sequence of length 4"):
         _derive(PositionSpec(2, 0), (1, 4), intervention_locations=torch.tensor([[4]]))
-    with pytest.raises(ValueError, match="must be an integer tensor"):
-        _derive(PositionSpec(2, 0), (1, 4), intervention_locations=torch.tensor([[1.0]]))
+    for bad in (torch.tensor([[1.0]]), torch.tensor([[1]], dtype=torch.uint8), torch.tensor([[True]]), [[1]]):
+        with pytest.raises(ValueError, match=r"must be a signed integer tensor of token indices, -1 for an empty "
+                                             r"slot \(torch.long\); got"):
+            _derive(PositionSpec(2, 0), (1, 4), intervention_locations=bad)
+    for dtype in (torch.int8, torch.int16, torch.int32):  # any signed integer type works, -1 included
+        group_map = _derive(PositionSpec(2, 0), (1, 4), intervention_locations=torch.tensor([[2, -1]], dtype=dtype))
+        assert group_map.tolist() == [[-1, -1, 0, -1]]
 
 
 def test_non_2d_mask_is_rejected():

@@ -61,8 +61,11 @@ def test_imported_checkpoint_matches_the_pyreft_formula_and_round_trips(tmp_path
 
 
 def test_trainer_layout_and_errors(tmp_path):
-    write_pyreft_checkpoint(tmp_path / "run" / "intervenable_model", layers=[0], groups=2)  # ReftTrainer.save_model
-    assert from_pyreft(tiny_model(), tmp_path / "run", positions="f1+l1") is not None
+    tensors = write_pyreft_checkpoint(tmp_path / "run" / "intervenable_model", layers=[0], groups=2)  # the Trainer's
+    model = from_pyreft(tiny_model(), tmp_path / "run", positions="f1+l1")
+    imported = model.base_model.model.model.layers[0].reft_interventions["default"]
+    for k in (0, 1):
+        assert torch.equal(imported[k].learned_source.weight, tensors[(0, k)]["weight"].float())
     with pytest.raises(ValueError, match=r"positions='l1' needs 1 intervention\(s\) per layer, the checkpoint has 2"):
         from_pyreft(tiny_model(), tmp_path / "run", positions="l1")
     with pytest.raises(ValueError, match="No pyreft intervention files"):
@@ -80,3 +83,45 @@ def test_trainer_layout_and_errors(tmp_path):
     write_pyreft_checkpoint(tmp_path / "value", layers=[0], groups=1, component="value_output")
     with pytest.raises(ValueError, match=r"component 'value_output' is not supported; use one of \('block_output'"):
         from_pyreft(tiny_model(), tmp_path / "value", positions="l1")
+
+
+BAD_TENSORS = [
+    ("bias", torch.zeros(1), r"`bias` has shape \[1\] .*expected a float tensor of shape \[3\]"),
+    ("rotate_layer", torch.zeros(1, 3), r"`rotate_layer` has shape \[1, 3\] .*of shape \[32, 3\] \(hidden size 32"),
+    ("weight", torch.zeros(3, 1), r"`weight` has shape \[3, 1\] .*of shape \[3, 32\]"),
+    ("weight", torch.zeros(3, 32, dtype=torch.long), r"`weight` has shape \[3, 32\] \(torch.int64\); expected a float"),
+]
+
+
+@pytest.mark.parametrize("key,tensor,message", BAD_TENSORS, ids=[b[0] + str(i) for i, b in enumerate(BAD_TENSORS)])
+def test_a_bad_tensor_is_named_and_the_base_model_is_left_alone(tmp_path, key, tensor, message):
+    write_pyreft_checkpoint(tmp_path / "ckpt", layers=[0, 1], groups=1)
+    file = tmp_path / "ckpt" / "intkey_layer_1_comp_block_output_unit_pos_nunit_1#0.bin"
+    state = torch.load(file, weights_only=True)
+    state[key] = tensor
+    torch.save(state, file)
+    base = tiny_model()
+    before = {n: p.clone() for n, p in base.state_dict().items()}
+    with pytest.raises(ValueError, match=r"intervention #0 at layer 1: " + message):
+        from_pyreft(base, tmp_path / "ckpt", positions="l1")
+    assert not any("reft" in name for name, _ in base.named_modules())  # nothing injected
+    assert all(torch.equal(p, before[n]) for n, p in base.state_dict().items())
+
+
+def test_checkpoints_that_do_not_fit_the_model_are_refused(tmp_path):
+    write_pyreft_checkpoint(tmp_path / "wide", layers=[0], groups=1, hidden=64)
+    with pytest.raises(ValueError, match=r"`rotate_layer` has shape \[64, 3\] .*\[32, 3\] \(hidden size 32 of the "):
+        from_pyreft(tiny_model(), tmp_path / "wide", positions="l1")
+    write_pyreft_checkpoint(tmp_path / "deep", layers=[9], groups=1)
+    with pytest.raises(ValueError, match=r"edits layer\(s\) \[9\]; the model has 4 \(0..3\)"):
+        from_pyreft(tiny_model(), tmp_path / "deep", positions="l1")
+    write_pyreft_checkpoint(tmp_path / "ranks", layers=[0], groups=1, rank=3)
+    write_pyreft_checkpoint(tmp_path / "ranks", layers=[1], groups=1, rank=2)
+    with pytest.raises(ValueError, match=r"intervention #0 at layer 1: `rotate_layer` has shape \[32, 2\]"):
+        from_pyreft(tiny_model(), tmp_path / "ranks", positions="l1")
+    folder = tmp_path / "missing"
+    write_pyreft_checkpoint(folder, layers=[0, 1], groups=2)
+    (folder / "intkey_layer_1_comp_block_output_unit_pos_nunit_1#1.bin").unlink()
+    with pytest.raises(ValueError, match=r"Every layer must have intervention #0, or #0 and #1; the checkpoint has "
+                                         r"\{0: \[0, 1\], 1: \[0\]\}"):
+        from_pyreft(tiny_model(), folder, positions="f1+l1")
