@@ -22,7 +22,7 @@ computed once per forward pass in O(d r^2). It stays orthonormal under any optim
 parameter does not change R), and no `d x d` buffer exists.
 
 Parameters live in float32 by default whatever the dtype of the model; hidden states are cast to the parameters'
-dtype for the edit and the edit is cast back.
+dtype for the edit, which runs in that dtype also inside an autocast region, and the edit is cast back.
 """
 
 from __future__ import annotations
@@ -96,7 +96,11 @@ class Intervention(nn.Module):
         raise NotImplementedError
 
     def delta(self, hidden: torch.Tensor) -> torch.Tensor:
-        """`dropout(edit(h))` in the dtype of `hidden`: what the intervention adds to the hidden states."""
+        """`dropout(edit(h))` in the dtype of `hidden`: what the intervention adds to the hidden states. The edit is
+        computed in the parameters' dtype (float32 by default), also inside an autocast region."""
+        if torch.is_autocast_enabled(hidden.device.type):
+            with torch.autocast(hidden.device.type, enabled=False):
+                return self.dropout(self.edit(hidden.to(self.param_dtype))).to(hidden.dtype)
         return self.dropout(self.edit(hidden.to(self.param_dtype))).to(hidden.dtype)
 
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:

@@ -31,6 +31,10 @@ _RECOMPUTE_POSITIONS: contextvars.ContextVar[Optional[dict[str, torch.Tensor]]] 
     "reft_recompute_positions", default=None
 )
 
+MERGE_ERROR = (
+    "ReFT adapters cannot be merged into the base model: the edit depends on the token position, so no weight change "
+    "reproduces it. Keep the PeftModel for inference, or call `unload()` to get the base model back."
+)
 NO_POSITIONS_MESSAGE = (
     "A ReFT layer ran outside a call of the PeftModel, so it has no intervention positions: the transformers model "
     "inside the PeftModel (e.g. `peft_model.base_model.model.model(...)` or `peft_model.get_base_model()(...)`) was "
@@ -143,10 +147,7 @@ class ReftLayer(nn.Module, BaseTunerLayer):
         self._component_hooks.clear()
 
     def merge(self, *args: Any, **kwargs: Any) -> None:
-        raise NotImplementedError(
-            "ReFT adapters cannot be merged into the base weights: the edit depends on the token position. "
-            "Keep the adapter loaded (PeftModel) for inference, or use `unload()` to get the base model back."
-        )
+        raise ValueError(MERGE_ERROR)
 
     def unmerge(self) -> None:
         """Nothing to undo: ReFT adapters are never merged."""

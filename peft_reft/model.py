@@ -6,15 +6,17 @@ from __future__ import annotations
 import contextlib
 import contextvars
 import re
+import warnings
 from typing import Any, Optional
 
 import torch
 from peft.tuners.tuners_utils import BaseTuner, _get_submodules, _remove_adapter_name_from_state_dict_key
 from peft.utils import TaskType
+from peft.utils.other import AuxiliaryTrainingWrapper
 from torch import nn
 
 from .config import ReftConfig
-from .layer import _CALL_POSITIONS, ReftLayer, call_positions, component_module
+from .layer import _CALL_POSITIONS, MERGE_ERROR, ReftLayer, call_positions, component_module
 from .positions import intervention_group_map, locations_from_group_map, positions_per_group
 from .trainers import calling_trainer, trainer_problem
 
@@ -29,6 +31,16 @@ _BATCH_ADAPTER_NAMES: contextvars.ContextVar[Optional[list[str]]] = contextvars.
 )
 # the `generate` call in progress in this thread (its model-call hooks act only for it)
 _GENERATION: contextvars.ContextVar[Optional[object]] = contextvars.ContextVar("reft_generation", default=None)
+
+
+def _aux_adapter_names_hook(module: nn.Module, args: tuple, kwargs: dict[str, Any]):
+    """Forward pre-hook of a `modules_to_save` / trainable-token wrapper during a mixed-adapter call: pass it the
+    per-example adapter names of this thread's call, repeated when beams or samples expanded the batch."""
+    names = _BATCH_ADAPTER_NAMES.get()
+    if names is None:
+        return None
+    rows = (args[0] if args else next(iter(kwargs.values()))).shape[0]
+    return args, {**kwargs, "adapter_names": [name for name in names for _ in range(rows // len(names))]}
 
 
 def _kv_cache(kwargs: dict[str, Any]):
@@ -130,6 +142,7 @@ class ReftModel(BaseTuner):
                 f"ReftConfig: low_rank_dimension={peft_config.low_rank_dimension} is larger than the model's hidden "
                 f"size {hidden_size}; use 1 <= low_rank_dimension <= {hidden_size}."
             )
+        self._warn_dead_first_window(peft_config, num_layers - 1 in indices, num_layers - 1)
         target_modules = rf"{re.escape(stack_name)}\.({'|'.join(str(i) for i in indices)})"
         if peft_config.target_modules not in (None, target_modules):  # a saved config holds the computed value
             raise ValueError(
@@ -143,6 +156,21 @@ class ReftModel(BaseTuner):
             )
         peft_config.target_modules = target_modules
         return peft_config
+
+    @staticmethod
+    def _warn_dead_first_window(peft_config: ReftConfig, edits_last_layer: bool, last: int) -> None:
+        """At the last layer, an edit of the first prompt tokens changes only the outputs at those tokens, which no
+        causal-LM loss reads (their labels are -100): its own intervention would never get a gradient."""
+        spec = peft_config.position_spec
+        own_first_window = spec.first and (not spec.last or not peft_config.share_weights)
+        if edits_last_layer and own_first_window and peft_config.task_type == TaskType.CAUSAL_LM:
+            warnings.warn(
+                f"ReFT: positions={peft_config.positions!r} gives the first-window tokens an intervention of their "
+                f"own at the last layer ({last}), where it changes only the outputs at prompt tokens, which no loss "
+                "reads: it gets no gradient and stays as initialised. Leave the last layer out of `layers` "
+                "(e.g. layers=list(range(num_layers - 1))) or tie the windows with share_weights=True.",
+                stacklevel=2,
+            )
 
     def _check_model_fits(self, peft_config: ReftConfig) -> None:
         trainer, trainer_args = calling_trainer()
@@ -199,6 +227,19 @@ class ReftModel(BaseTuner):
         new_module = ReftLayer(target, adapter_name, peft_config, hidden_size=hidden_size_of(self.model))
         self._replace_module(parent, target_name, new_module, target)
 
+    def _cast_adapter_dtype(self, adapter_name: str, autocast_adapter_dtype: bool = True) -> None:
+        """Interventions are created in float32 and stay float32 (`autocast_adapter_dtype=True`, peft's default).
+        With `autocast_adapter_dtype=False` (TRL passes it under DeepSpeed ZeRO-3) they take the dtype of the layer
+        they wrap, as LoRA weights do."""
+        super()._cast_adapter_dtype(adapter_name, autocast_adapter_dtype)
+        if autocast_adapter_dtype:
+            return
+        for module in self.model.modules():
+            if isinstance(module, ReftLayer) and adapter_name in module.reft_interventions:
+                dtype = next((p.dtype for p in module.base_layer.parameters() if p.is_floating_point()), None)
+                if dtype is not None:
+                    module.reft_interventions[adapter_name].to(dtype)
+
     @classmethod
     def _remove_adapter_name_from_key(cls, key: str, adapter_name: str) -> str:
         # `...layers.3.reft_interventions.<adapter>.0.rotate_layer.weight` -> `...layers.3.reft_interventions.0...`
@@ -209,10 +250,7 @@ class ReftModel(BaseTuner):
 
     # ----------------------------------------------------------------------------------------------- merging
     def _check_merge_allowed(self):
-        raise ValueError(
-            "ReFT adapters cannot be merged into the base model: the edit depends on the token position, so no "
-            "weight change reproduces it. Keep the PeftModel for inference, or call `unload()` to get the base model."
-        )
+        raise ValueError(MERGE_ERROR)
 
     def _unload_and_optionally_merge(
         self,
@@ -309,9 +347,15 @@ class ReftModel(BaseTuner):
                 f"{sorted(self.peft_config)} or {BASE_ADAPTER!r}."
             )
         token = _BATCH_ADAPTER_NAMES.set(list(adapter_names))
+        # peft's wrappers of `modules_to_save` heads and trainable tokens take `adapter_names` as a forward argument,
+        # as with LoRA; the hook reads this thread's names, so another thread's calls are left alone
+        handles = [module.register_forward_pre_hook(_aux_adapter_names_hook, with_kwargs=True)
+                   for module in self.model.modules() if isinstance(module, AuxiliaryTrainingWrapper)]
         try:
             yield
         finally:
+            for handle in handles:
+                handle.remove()
             _BATCH_ADAPTER_NAMES.reset(token)
 
     def _classifier_pad_token_id(self) -> Optional[int]:

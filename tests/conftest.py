@@ -57,6 +57,19 @@ def padded_batch(lengths, side="right", seed=0, seq_len=None, vocab=VOCAB):
     return ids, mask
 
 
+def greedy_by_hand(model, prompt, steps, locations=None):
+    """Greedy decoding that re-runs the whole sequence at each step (no KV cache), through the model's forward with
+    the prompt's positions given explicitly as `locations` (None: derived from the whole unpadded sequence, which is
+    what positions='all' edits). The reference for `generate`."""
+    sequence = prompt.clone()
+    for _ in range(steps):
+        extra = {} if locations is None else {"intervention_locations": locations}
+        with torch.no_grad():
+            logits = model(input_ids=sequence, attention_mask=torch.ones_like(sequence), **extra).logits
+        sequence = torch.cat([sequence, logits[:, -1:].argmax(-1)], dim=1)
+    return sequence[:, prompt.shape[1]:]
+
+
 @pytest.fixture
 def llama():
     return tiny_model("llama")

@@ -2,7 +2,7 @@
 
 import pytest
 import torch
-from conftest import padded_batch, tiny_model
+from conftest import greedy_by_hand, padded_batch, tiny_model
 from peft import get_peft_model
 
 from peft_reft import ReftConfig, ReftLayer
@@ -10,10 +10,10 @@ from peft_reft import ReftConfig, ReftLayer
 NEW = 6
 
 
-def _model(positions="f2+l2", **kwargs):
+def _model(positions="f2+l2", dtype=torch.float32, **kwargs):
     config = ReftConfig(layers=[0, 2], low_rank_dimension=4, positions=positions, init_weights=False, **kwargs)
     torch.manual_seed(11)
-    model = get_peft_model(tiny_model(), config).eval()
+    model = get_peft_model(tiny_model().to(dtype), config).eval()
     with torch.no_grad():  # make the edit strong enough to change greedy choices
         for name, param in model.named_parameters():
             if "learned_source" in name:
@@ -28,18 +28,9 @@ def _greedy(model, ids, mask, **kwargs):
 
 
 def _no_cache_reference(model, prompt, everything):
-    """Greedy decoding re-running the whole sequence each step (no KV cache); positions given explicitly."""
-    seq = prompt.clone()
+    """Greedy decoding re-running the whole sequence each step; the prompt's f2+l2 given explicitly."""
     n = prompt.shape[1]
-    for _ in range(NEW):
-        if everything:
-            kwargs = {}  # positions='all': derived from the full (unpadded) sequence, every token edited
-        else:
-            kwargs = {"intervention_locations": torch.tensor([[[0, 1], [n - 2, n - 1]]])}  # the prompt's f2+l2
-        with torch.no_grad():
-            logits = model(input_ids=seq, attention_mask=torch.ones_like(seq), **kwargs).logits
-        seq = torch.cat([seq, logits[:, -1:].argmax(-1)], dim=1)
-    return seq[:, n:]
+    return greedy_by_hand(model, prompt, NEW, None if everything else torch.tensor([[[0, 1], [n - 2, n - 1]]]))
 
 
 @pytest.mark.parametrize("use_cache", [True, False])
@@ -110,26 +101,25 @@ def test_beam_search_and_num_return_sequences():
     for row, n in enumerate([7, 4]):
         alone = _greedy(model, ids[row:row + 1, -n:], mask[row:row + 1, -n:], num_beams=3, num_return_sequences=2)
         assert torch.equal(beams[2 * row:2 * row + 2], alone)
-    # the best beam of a 1-beam search is greedy decoding
-    assert torch.equal(_greedy(model, ids, mask, num_beams=1), _greedy(model, ids, mask))
+    with model.disable_adapter():  # the adapter changes the beams, so the comparison above means something
+        assert not torch.equal(_greedy(model, ids, mask, num_beams=3, num_return_sequences=2), beams)
 
 
-def test_positional_input_ids_and_sampling_run():
+def test_positional_input_ids_equal_keyword_input_ids():
     model = _model()
-    ids, mask = padded_batch([5], seed=2)
-    out = model.generate(ids, attention_mask=mask, max_new_tokens=3, do_sample=True, top_k=5, pad_token_id=0)
-    assert out.shape == (1, 8)
+    ids, mask = padded_batch([7], seed=4)
+    positional = model.generate(ids, attention_mask=mask, max_new_tokens=NEW, do_sample=False, pad_token_id=0)
+    assert torch.equal(positional[:, ids.shape[1]:], _no_cache_reference(model, ids, everything=False))
 
 
 def test_bf16_base_model_keeps_float32_interventions_and_generates():
-    model = get_peft_model(tiny_model().to(torch.bfloat16), ReftConfig(layers=[0, 2], low_rank_dimension=4))
-    params = [p for n, p in model.named_parameters() if "reft_" in n]
-    assert params and all(p.dtype == torch.float32 for p in params)
-    ids, mask = padded_batch([6], seed=2)
-    mask[0, 2] = 0  # a hole in the mask
-    assert _greedy(model, ids, mask).shape == (1, NEW)
+    model = _model(dtype=torch.bfloat16)
+    for name, param in model.named_parameters():  # the base in bf16, the interventions stay float32
+        assert param.dtype == (torch.float32 if ".reft_interventions." in name else torch.bfloat16), name
+    ids, mask = padded_batch([7], seed=4)
+    assert torch.equal(_greedy(model, ids, mask), _no_cache_reference(model, ids, everything=False))
     model.to(torch.bfloat16)  # casting everything, adapter included, still works (R is orthonormalised in fp32)
-    assert _greedy(model, ids, mask).shape == (1, NEW)
+    assert torch.equal(_greedy(model, ids, mask), _no_cache_reference(model, ids, everything=False))
 
 
 def test_unsupported_generate_options_are_rejected():

@@ -73,3 +73,43 @@ def test_adapter_names_errors():
     model.train()
     with pytest.raises(ValueError, match="Cannot pass `adapter_names` when the model is in training mode"):
         model(input_ids=ids, attention_mask=mask, adapter_names=["a", "b"])
+
+
+@pytest.mark.parametrize("generate", [False, True])
+def test_modules_to_save_and_trainable_tokens_follow_each_example(generate):
+    """Rows marked "__base__" get the base lm_head and embeddings, rows of adapter "a" its own copies."""
+    torch.manual_seed(3)
+    config = dict(layers=[0], low_rank_dimension=2, positions="l1", init_weights=False)
+    model = get_peft_model(tiny_model(), ReftConfig(modules_to_save=["lm_head"], trainable_token_indices=[5, 6, 7],
+                                                    **config), adapter_name="a")
+    model.add_adapter("b", ReftConfig(modules_to_save=["lm_head"], trainable_token_indices=[5, 6, 7], **config))
+    with torch.no_grad():
+        model.base_model.model.lm_head.modules_to_save["a"].weight.mul_(3.0)
+        model.base_model.model.lm_head.modules_to_save["b"].weight.mul_(-2.0)
+        for name, param in model.named_parameters():
+            if "trainable_tokens_delta" in name:
+                param.add_(1.0)
+    model.eval()
+    ids = torch.tensor([[5, 9, 6, 11], [5, 9, 6, 11], [5, 9, 6, 11]])
+    names = ["a", "__base__", "b"]
+
+    def run(batch, adapter_names=None):
+        extra = {} if adapter_names is None else {"adapter_names": adapter_names}
+        with torch.no_grad():
+            if generate:
+                return model.generate(input_ids=batch, attention_mask=torch.ones_like(batch), max_new_tokens=3,
+                                      do_sample=False, num_beams=2, pad_token_id=0, **extra)
+            return model(input_ids=batch, **extra).logits
+
+    mixed = run(ids, names)
+    for row, name in enumerate(names):
+        if name == "__base__":
+            with model.disable_adapter():
+                alone = run(ids[row:row + 1])
+        else:
+            model.set_adapter(name)
+            alone = run(ids[row:row + 1])
+        if generate:
+            assert torch.equal(mixed[row:row + 1], alone), name
+        else:
+            torch.testing.assert_close(mixed[row:row + 1], alone, rtol=1e-5, atol=1e-5, msg=name)

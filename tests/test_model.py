@@ -136,7 +136,8 @@ def test_adapter_names_that_are_substrings_do_not_leak(tmp_path):
         assert len(saved) == layers * groups * 3, name
         params = {k: v for k, v in model.state_dict().items() if f".reft_interventions.{name}." in k}
         for key, value in params.items():
-            assert torch.equal(saved[ReftModel._remove_adapter_name_from_key(key, name)], value)
+            saved_key = key.replace(f".reft_interventions.{name}.", ".reft_interventions.")  # peft's file layout
+            assert torch.equal(saved[saved_key], value)
 
 
 def test_add_set_and_delete_adapter():
@@ -176,11 +177,27 @@ def test_unload_returns_the_untouched_base_model():
     assert torch.equal(_logits(unloaded), base_logits)
 
 
-@pytest.mark.parametrize("method", ["merge_and_unload", "merge_adapter"])
-def test_merging_raises_a_clear_error(method):
-    model = get_peft_model(tiny_model(), _config())
-    with pytest.raises(ValueError, match="ReFT adapters cannot be merged into the base model: the edit depends on"):
-        getattr(model, method)()
+MERGES = {
+    "merge_and_unload": lambda m: m.merge_and_unload(),
+    "merge_and_unload(safe_merge, adapter_names)": lambda m: m.merge_and_unload(safe_merge=True,
+                                                                               adapter_names=["default"]),
+    "merge_adapter": lambda m: m.merge_adapter(),
+    "base_model.merge_adapter": lambda m: m.base_model.merge_adapter(["default"]),
+    "layer.merge": lambda m: next(x for x in m.modules() if isinstance(x, ReftLayer)).merge(),
+}
+
+
+@pytest.mark.parametrize("merge", list(MERGES))
+def test_every_merge_raises_one_clear_error_and_changes_nothing(merge):
+    model = get_peft_model(tiny_model(), _config(init_weights=False)).eval()
+    before = _logits(model)
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(ValueError, match=r"^ReFT adapters cannot be merged into the base model: the edit depends on "
+                                         r"the token position.*call `unload\(\)` to get the base model back\.$"):
+        MERGES[merge](model)
+    assert model.state_dict().keys() == state.keys()
+    assert all(torch.equal(v, state[k]) for k, v in model.state_dict().items())
+    assert torch.equal(_logits(model), before) and sum(isinstance(x, ReftLayer) for x in model.modules()) == 2
 
 
 @pytest.mark.parametrize("use_reentrant", [True, False])
@@ -256,8 +273,11 @@ def test_packed_batches_are_rejected_for_prompt_positions():
                                          r"SFTConfig\(packing=False, padding_free=False\)"):
         model(input_ids=ids, position_ids=position_ids, labels=ids)
     # with positions='all' packing is harmless: every token is edited
-    model_all = get_peft_model(tiny_model(), _config(positions="all"))
-    model_all(input_ids=ids, position_ids=position_ids, labels=ids)
+    model_all = get_peft_model(tiny_model(), _config(positions="all", init_weights=False))
+    out = model_all(input_ids=ids, position_ids=position_ids, labels=ids)
+    with model_all.disable_adapter():
+        plain = model_all(input_ids=ids, position_ids=position_ids, labels=ids)
+    assert torch.isfinite(out.loss) and (out.logits - plain.logits).abs().amax(-1).min() > 1e-4  # every token moved
 
 
 def test_modules_to_save_are_trained_and_saved(tmp_path):
@@ -355,3 +375,20 @@ def test_a_misspelt_attribute_of_a_reft_layer_is_its_own_error():
     with pytest.raises(AttributeError, match=r"'ReftLayer' object has no attribute 'self_atn' \(nor has the wrapped "
                                              r"LlamaDecoderLayer\)"):
         layer.self_atn
+
+
+def test_a_first_window_of_its_own_at_the_last_layer_is_dead_and_says_so():
+    with pytest.warns(UserWarning, match=r"positions='f2\+l2' gives the first-window tokens an intervention of their "
+                                         r"own at the last layer \(3\).*no gradient.*share_weights=True"):
+        model = get_peft_model(tiny_model(), _config(layers="all", positions="f2+l2", init_weights=False))
+    ids = _batch()["input_ids"]
+    labels = ids.masked_fill(torch.arange(ids.shape[1]) < 4, -100)
+    model(input_ids=ids, labels=labels).loss.backward()
+    layers = [m for m in model.modules() if isinstance(m, ReftLayer)]
+    first_window_grads = [layer.reft_interventions["default"][0].learned_source.weight.grad for layer in layers]
+    assert all(g.abs().sum() > 0 for g in first_window_grads[:-1]) and first_window_grads[-1].abs().sum() == 0
+    with warnings.catch_warnings():
+        warnings.filterwarnings("error", message="ReFT: ")
+        get_peft_model(tiny_model(), _config(layers="all", positions="f2+l2", share_weights=True))
+        get_peft_model(tiny_model(), _config(layers=[0, 1, 2], positions="f2+l2"))
+        get_peft_model(tiny_model(), _config(layers="all", positions="l2"))

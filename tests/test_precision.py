@@ -2,7 +2,7 @@
 
 import pytest
 import torch
-from conftest import padded_batch, tiny_model
+from conftest import greedy_by_hand, padded_batch, tiny_model
 from peft import PeftModel, get_peft_model
 from test_trl import (
     PAIRS,
@@ -14,7 +14,7 @@ from test_trl import (
 from test_trl import tiny_model as tiny_chat_model
 from trl import SFTTrainer
 
-from peft_reft import ReftConfig
+from peft_reft import ReftConfig, ReftLayer
 
 
 def _reft_params(model):
@@ -76,5 +76,36 @@ def test_half_precision_forward_backward_and_generate(dtype):
     with torch.no_grad():
         torch.testing.assert_close(model(input_ids=ids, attention_mask=mask).logits.float(),
                                    reference(input_ids=ids, attention_mask=mask).logits, atol=0.15, rtol=0.05)
-    generated = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=3, do_sample=False, pad_token_id=0)
-    assert generated.shape == (2, ids.shape[1] + 3)
+    prompt = ids[:1]  # the 6-token row, left unpadded
+    generated = model.generate(input_ids=prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=3,
+                               do_sample=False, pad_token_id=0)
+    assert torch.equal(generated[:, 6:], greedy_by_hand(model, prompt, 3, torch.tensor([[[0, 1], [4, 5]]])))
+
+
+def test_interventions_compute_in_float32_under_autocast():
+    model = get_peft_model(tiny_model().to(torch.bfloat16), ReftConfig(layers=[1], low_rank_dimension=3,
+                                                                       init_weights=False))
+    intervention = next(m for m in model.modules() if isinstance(m, ReftLayer)).reft_interventions["default"][0]
+    hidden = torch.randn(2, 5, 32)
+    expected = intervention.delta(hidden)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        inside = intervention.delta(hidden)
+    assert inside.dtype == torch.float32 and torch.equal(inside, expected)
+
+
+@pytest.mark.parametrize("autocast_adapter_dtype", [True, False])
+def test_autocast_adapter_dtype_decides_the_interventions_dtype(autocast_adapter_dtype, tmp_path):
+    config = ReftConfig(layers=[1, 2], low_rank_dimension=3, positions="f2+l2", init_weights=False)
+    model = get_peft_model(tiny_model().to(torch.bfloat16), config, autocast_adapter_dtype=autocast_adapter_dtype)
+    expected = torch.float32 if autocast_adapter_dtype else torch.bfloat16
+    assert {p.dtype for p in _reft_params(model)} == {expected}
+    ids, mask = padded_batch([6, 4], side="left", seed=1)
+    model.eval()
+    with torch.no_grad():
+        logits = model(input_ids=ids, attention_mask=mask).logits
+    model.save_pretrained(tmp_path)
+    loaded = PeftModel.from_pretrained(tiny_model().to(torch.bfloat16), tmp_path,
+                                       autocast_adapter_dtype=autocast_adapter_dtype)
+    assert {p.dtype for p in _reft_params(loaded)} == {expected}
+    with torch.no_grad():
+        assert torch.equal(loaded(input_ids=ids, attention_mask=mask).logits, logits)

@@ -1,14 +1,13 @@
 """ReFT on a base model loaded in 8-bit or 4-bit with bitsandbytes (its CPU backend), as QLoRA users do."""
 
+import bitsandbytes  # noqa: F401  (the tests extra installs it: a missing install fails here, it is not skipped)
 import pytest
 import torch
-from conftest import tiny_model
+from conftest import greedy_by_hand, tiny_model
 from peft import PeftModel, get_peft_model
 from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
 from peft_reft import ReftConfig
-
-bnb = pytest.importorskip("bitsandbytes")  # installed by `make test` (the tests extra)
 
 QUANTIZATION = {
     "8bit": lambda: BitsAndBytesConfig(load_in_8bit=True),
@@ -54,4 +53,5 @@ def test_reft_trains_and_reloads_on_a_quantized_base(base_dir, tmp_path, bits):
     loaded = PeftModel.from_pretrained(load(), tmp_path).eval()
     with torch.no_grad():
         torch.testing.assert_close(loaded(input_ids=ids).logits, expected, rtol=0, atol=1e-5)
-    assert loaded.generate(input_ids=ids[:1], max_new_tokens=3, do_sample=False).shape == (1, 13)
+    generated = loaded.generate(input_ids=ids[:1], max_new_tokens=3, do_sample=False)
+    assert torch.equal(generated[:, 10:], greedy_by_hand(loaded, ids[:1], 3, torch.tensor([[[0, 1], [8, 9]]])))

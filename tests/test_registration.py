@@ -67,10 +67,10 @@ print("ok", sys.version_info[:2])
 """
 
 
-@pytest.mark.parametrize("python", ["python3.11", "python3.12", "python3.13"])
+@pytest.mark.parametrize("python", ["python3.10", "python3.11", "python3.12", "python3.13"])
 def test_enum_extension_works_on_supported_pythons(python):
-    # the enum internals differ between 3.11, 3.12 and 3.13; the check needs only the stdlib, so it runs on any
-    # interpreter found here (pyenv installs them side by side)
+    # the enum internals differ between 3.10-3.11, 3.12 and 3.13 (requires-python allows 3.10); the check needs only
+    # the stdlib, so it runs on any interpreter found here (pyenv installs them side by side)
     if python == f"python{sys.version_info[0]}.{sys.version_info[1]}":
         executable = sys.executable
     else:
