@@ -218,7 +218,7 @@ def bench_intervention(widths, pairs) -> list[dict]:
             h = torch.randn(16, 14, d, requires_grad=True)
 
             def run_ours():
-                ours(h).sum().backward()
+                ours.edited(h).sum().backward()
 
             config = LlamaConfig(hidden_size=d, intermediate_size=int(d * 8 / 3) // 64 * 64,
                                  num_attention_heads=max(1, d // 64), num_key_value_heads=max(1, d // 64),

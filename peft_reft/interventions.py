@@ -1,9 +1,9 @@
 """The ReFT intervention family.
 
-Every intervention is an `nn.Module` that maps hidden states `h` of shape `[..., d]` to edited states of the same
-shape: `forward(h) = h + dropout(edit(h))`. Written for a column vector `h` (the paper's notation), with `R` an
-`r x d` matrix with orthonormal rows, `W` (`r x d`) and `b` (`r`) the learned source `Wh + b`, and `act` an optional
-activation:
+Every intervention is an `nn.Module` that maps hidden states `h` of shape `[..., d]` to what it adds to them,
+`module(h) = dropout(edit(h))`; the edited states are `h + module(h)` (`module.edited(h)`). Written for a column
+vector `h` (the paper's notation), with `R` an `r x d` matrix with orthonormal rows, `W` (`r x d`) and `b` (`r`) the
+learned source `Wh + b`, and `act` an optional activation:
 
 | name         | edit(h)                           | trainable parameters |
 |--------------|-----------------------------------|----------------------|
@@ -80,8 +80,10 @@ class OrthonormalRotation(nn.Module):
 
 
 class Intervention(nn.Module):
-    """Base class: `forward(h) = h + dropout(edit(h))`. Subclasses implement `edit` on float32 (parameter dtype)
-    input."""
+    """Base class: calling the module gives what it adds to the hidden states, `module(h) = dropout(edit(h))`; the
+    edited states are `module.edited(h) = h + module(h)`. Subclasses implement `edit` on input in the parameters'
+    dtype. Every parameter is read inside a module call (its own or a submodule's), so DeepSpeed ZeRO-3, which gathers
+    a module's parameters around its calls, sees them whole."""
 
     def __init__(self, dropout: float = 0.0, act_fn: str | None = None):
         super().__init__()
@@ -95,7 +97,7 @@ class Intervention(nn.Module):
     def edit(self, x: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
 
-    def delta(self, hidden: torch.Tensor) -> torch.Tensor:
+    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
         """`dropout(edit(h))` in the dtype of `hidden`: what the intervention adds to the hidden states. The edit is
         computed in the parameters' dtype (float32 by default), also inside an autocast region."""
         if torch.is_autocast_enabled(hidden.device.type):
@@ -103,8 +105,13 @@ class Intervention(nn.Module):
                 return self.dropout(self.edit(hidden.to(self.param_dtype))).to(hidden.dtype)
         return self.dropout(self.edit(hidden.to(self.param_dtype))).to(hidden.dtype)
 
-    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
-        return hidden + self.delta(hidden)
+    def delta(self, hidden: torch.Tensor) -> torch.Tensor:
+        """What the intervention adds to `hidden` (a module call: `self(hidden)`)."""
+        return self(hidden)
+
+    def edited(self, hidden: torch.Tensor) -> torch.Tensor:
+        """The edited hidden states, `h + dropout(edit(h))`."""
+        return hidden + self(hidden)
 
 
 class RotatedIntervention(Intervention):
@@ -136,6 +143,19 @@ class LoReFT(RotatedIntervention):
         return (self.act_fn(self.learned_source(x)) - F.linear(x, rotation)) @ rotation
 
 
+class Projection(nn.Module):
+    """Holds a plain projection `weight` (`[r, d]`, like `nn.Linear(d, r, bias=False)`); calling it returns a copy of
+    the weight, read inside the call (the copy stays valid when DeepSpeed ZeRO-3 releases the parameter after it)."""
+
+    def __init__(self, hidden_size: int, rank: int):
+        super().__init__()
+        self.weight = nn.Parameter(torch.empty(rank, hidden_size))
+        nn.init.kaiming_uniform_(self.weight, a=5**0.5)  # nn.Linear's initialisation
+
+    def forward(self) -> torch.Tensor:
+        return self.weight.clone()
+
+
 class ProjectedIntervention(Intervention):
     """An intervention without orthogonality: learned source `W1 h + b` and a plain projection `W2` (`proj_layer`).
     Identity at init: `W2 = 0`, which holds for any activation."""
@@ -143,7 +163,7 @@ class ProjectedIntervention(Intervention):
     def __init__(self, hidden_size, rank, dropout=0.0, act_fn=None, init_weights=True):
         super().__init__(dropout, act_fn)
         self.learned_source = nn.Linear(hidden_size, rank)
-        self.proj_layer = nn.Linear(hidden_size, rank, bias=False)
+        self.proj_layer = Projection(hidden_size, rank)
         if init_weights:
             nn.init.zeros_(self.proj_layer.weight)
 
@@ -152,7 +172,8 @@ class NoReFT(ProjectedIntervention):
     """NoReFT: LoReFT without orthogonality, `h + W2^T (act(W1 h + b) - W2 h)`."""
 
     def edit(self, x):
-        return (self.act_fn(self.learned_source(x)) - self.proj_layer(x)) @ self.proj_layer.weight
+        projection = self.proj_layer()
+        return (self.act_fn(self.learned_source(x)) - F.linear(x, projection)) @ projection
 
 
 class ConsReFT(RotatedIntervention):
@@ -196,7 +217,7 @@ class NoDiReFT(ProjectedIntervention):
     """NoDiReFT (the paper's DiReFT): `h + W2^T act(W1 h + b)`, no orthogonality."""
 
     def edit(self, x):
-        return self.act_fn(self.learned_source(x)) @ self.proj_layer.weight
+        return self.act_fn(self.learned_source(x)) @ self.proj_layer()
 
 
 INTERVENTIONS: dict[str, type[Intervention]] = {

@@ -16,6 +16,9 @@ in what they pass to the model:
 - Every other TRL trainer (`trl.experimental`: ORPO, CPO, GKD, Online DPO, TPO, ...): no labels mark the prompt:
   refused with prompt positions; `positions="all"` trains.
 
+Any trainer whose DeepSpeed configuration offloads to NVMe without the libaio library DeepSpeed needs for it is
+refused too.
+
 The check runs when the trainer wraps the model (`get_peft_model` inside the trainer's `__init__`): the trainer and
 its arguments are found on the call stack. Trainers from other libraries are not checked here; their forward passes
 are checked one by one (a training forward without labels or locations is an error).
@@ -58,8 +61,30 @@ def calling_trainer(max_depth: int = 40) -> tuple[Any, dict[str, Any]]:
     return None, {}
 
 
+def deepspeed_problem(args: Any) -> Optional[str]:
+    """Why the DeepSpeed configuration of these TrainingArguments cannot run here, or None: NVMe offload needs the
+    `async_io` op, which needs libaio."""
+    config = getattr(getattr(args, "hf_deepspeed_config", None), "config", None) or {}
+    zero = config.get("zero_optimization", {})
+    nvme = [key for key in ("offload_param", "offload_optimizer") if (zero.get(key) or {}).get("device") == "nvme"]
+    if not nvme:
+        return None
+    from deepspeed.ops.op_builder import AsyncIOBuilder
+
+    if AsyncIOBuilder().is_compatible(verbose=False):
+        return None
+    return (
+        f"The DeepSpeed config offloads to NVMe ({', '.join(nvme)} device 'nvme'), which needs DeepSpeed's async_io op "
+        "and the libaio library, not found here (apt-get install libaio-dev, then reinstall deepspeed). Offload to "
+        "'cpu' instead, or do not offload."
+    )
+
+
 def trainer_problem(trainer: Any, local_args: dict[str, Any], prompt_positions: bool) -> Optional[str]:
     """Why `trainer` (being constructed with the arguments `local_args`) cannot train a ReFT adapter, or None."""
+    problem = deepspeed_problem(local_args.get("args", getattr(trainer, "args", None)))
+    if problem:
+        return problem
     name = _trl_trainer_name(trainer)
     if name is None:
         return None

@@ -166,3 +166,54 @@ def test_sft_example_under_accelerate_launch(tmp_path):
     assert (tmp_path / "out" / "adapter_model.safetensors").exists()
     assert (tmp_path / "out" / "loss.png").exists()
     assert json.loads((tmp_path / "out" / "adapter_config.json").read_text())["peft_type"] == "REFT"
+
+
+@pytest.fixture(scope="module")
+def saved_base(tmp_path_factory):
+    """The workers' tiny Llama, saved: ZeRO-3 with zero3_init_flag partitions the weights it loads from here."""
+    sys.path.insert(0, str(WORKERS))
+    from sft_worker import tiny_model
+
+    path = tmp_path_factory.mktemp("base")
+    tiny_model().save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def single_run(saved_base, tmp_path_factory):
+    out = tmp_path_factory.mktemp("single")
+    single_process(WORKERS / "sft_worker.py", out, 4, 8, f"base={saved_base}")
+    return out
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("options", ["zero2", "zero3", "zero3 init gc", "zero3 offload"])
+def test_deepspeed_zero_matches_single_process(tmp_path, saved_base, single_run, options):
+    """ZeRO-2/3 through the HF Trainer (TrainingArguments(deepspeed=...)), 2 CPU processes, global batch 4 = the
+    single process's batch. `init`: the base model is partitioned from construction; `gc`: gradient checkpointing;
+    `offload`: ZeRO-3 parameter offload to the CPU."""
+    torchrun(WORKERS / "sft_worker.py", tmp_path, 2, 8, *options.split(), f"base={saved_base}")
+    rank0, rank1 = (load_file(tmp_path / f"params-{r}.safetensors") for r in (0, 1))
+    single = load_file(single_run / "params-0.safetensors")
+    assert rank0.keys() == rank1.keys() == single.keys() and len(rank0) == 12
+    for name in rank0:
+        assert rank0[name].shape == single[name].shape, name  # gathered: whole tensors, not shards
+        assert torch.equal(rank0[name], rank1[name]), name
+        torch.testing.assert_close(rank0[name], single[name], rtol=1e-4, atol=1e-5)
+    losses = json.loads((tmp_path / "losses-0.json").read_text())
+    single_losses = json.loads((single_run / "losses-0.json").read_text())
+    assert len(losses) == len(single_losses) == 8
+    torch.testing.assert_close(torch.tensor(losses), torch.tensor(single_losses), rtol=1e-5, atol=1e-5)
+
+    saved = load_file(tmp_path / "adapter" / "adapter_model.safetensors")  # complete, written once
+    assert len(saved) == 12 and all(t.numel() > 0 for t in saved.values())
+    loaded = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(saved_base), tmp_path / "adapter").eval()
+    reference = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(saved_base),
+                                          single_run / "adapter").eval()
+    for name, param in loaded.named_parameters():
+        if ".reft_interventions." in name:
+            assert torch.equal(param, rank0[name]), name
+    ids = torch.tensor([[5, 6, 7, 8, 9, 10]])
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(input_ids=ids).logits, reference(input_ids=ids).logits, rtol=1e-4,
+                                   atol=1e-4)

@@ -24,7 +24,7 @@ def test_formula_matches_reference(kind):
     h = torch.randn(5, 3, D)
     params = {k: v.detach() for k, v in module.state_dict().items()}
     expected = torch.stack([reference_edit(kind, params, v.double()) for v in h.reshape(-1, D)]).reshape(h.shape)
-    torch.testing.assert_close(module(h), expected.float(), atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(module.edited(h), expected.float(), atol=1e-5, rtol=1e-5)
 
 
 @pytest.mark.parametrize("kind", list(INTERVENTIONS))
@@ -39,7 +39,7 @@ def test_parameter_count_and_no_square_buffers(kind):
 def test_identity_at_init(kind):
     module = _build(kind, init_weights=True)
     h = torch.randn(7, D)
-    torch.testing.assert_close(module(h), h, atol=1e-6, rtol=0)
+    torch.testing.assert_close(module.edited(h), h, atol=1e-6, rtol=0)
 
 
 @pytest.mark.parametrize("kind", ["loreft", "consreft", "lobireft", "direft"])
@@ -67,7 +67,7 @@ def test_rotation_stays_orthonormal_under_adamw_weight_decay(weight_decay):
     h = torch.randn(16, D)
     losses = []
     for _ in range(30):
-        loss = (module(h) - target).pow(2).mean()
+        loss = (module.edited(h) - target).pow(2).mean()
         losses.append(loss.item())
         optimizer.zero_grad()
         loss.backward()
@@ -81,10 +81,10 @@ def test_rotation_stays_orthonormal_under_adamw_weight_decay(weight_decay):
 def test_half_precision_input_is_cast_in_and_out():
     module = _build("loreft")
     h = torch.randn(3, D, dtype=torch.bfloat16)
-    out = module(h)
+    out = module.edited(h)
     assert out.dtype == torch.bfloat16
     assert module.learned_source.weight.dtype == torch.float32
-    torch.testing.assert_close(out.float(), module(h.float()), atol=0.05, rtol=0.02)
+    torch.testing.assert_close(out.float(), module.edited(h.float()), atol=0.05, rtol=0.02)
 
 
 def test_dropout_applies_to_the_edit_only():
@@ -92,14 +92,13 @@ def test_dropout_applies_to_the_edit_only():
     module.train()
     h = torch.randn(200, D)
     edit = module.learned_source @ module.rotation
-    out = module(h).detach()
-    delta = out - h
+    delta = module(h).detach()  # the module gives what it adds
     # every coordinate keeps h: dropped -> 0 edit, kept -> edit / (1 - p)
     dropped = delta.abs() < 1e-6
     kept = (delta - 2 * edit.detach()).abs() < 1e-5
     assert bool((dropped | kept).all()) and dropped.any() and kept.any()
     module.eval()
-    torch.testing.assert_close(module(h), h + edit, atol=1e-5, rtol=0)
+    torch.testing.assert_close(module.edited(h), h + edit, atol=1e-5, rtol=0)
 
 
 def test_rotation_of_a_frozen_adapter_is_cached_and_follows_loads():

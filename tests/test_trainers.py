@@ -196,3 +196,25 @@ def test_vllm_generation_is_refused(name):
 def test_supported_trainers_are_the_ones_tested_here():
     tested = {"DPOTrainer", "KTOTrainer", "GRPOTrainer", "RLOOTrainer", "RewardTrainer", "SFTTrainer"}
     assert set(SUPPORTED) == tested
+
+
+def test_nvme_offload_without_libaio_is_refused_up_front(tokenizer, tmp_path):  # noqa: F811
+    from deepspeed.ops.op_builder import AsyncIOBuilder
+    from transformers.integrations.deepspeed import unset_hf_deepspeed_config
+    from trl import SFTConfig, SFTTrainer
+
+    zero = {"stage": 2, "offload_optimizer": {"device": "nvme", "nvme_path": str(tmp_path)}}
+    model = tiny_model(tokenizer)
+    args = SFTConfig(output_dir=str(tmp_path), max_length=64, deepspeed={"zero_optimization": zero,
+                                                                         "train_micro_batch_size_per_gpu": "auto"},
+                     **COMMON)
+    try:
+        data = Dataset.from_list([{"prompt": p, "completion": c} for p, c in PAIRS])
+        if AsyncIOBuilder().is_compatible(verbose=False):  # a machine with libaio: the config is accepted
+            assert trainer_problem(types.SimpleNamespace(), {"args": args}, True) is None
+            return
+        with pytest.raises(ValueError, match=r"offloads to NVMe \(offload_optimizer device 'nvme'\), which needs "
+                                             r"DeepSpeed's async_io op and the libaio library"):
+            SFTTrainer(model=model, args=args, train_dataset=data, processing_class=tokenizer, peft_config=config())
+    finally:
+        unset_hf_deepspeed_config()  # the DeepSpeed config of TrainingArguments is process-wide

@@ -1,7 +1,10 @@
-"""Run by tests/test_distributed.py under torchrun: SFTTrainer + ReftConfig on a tiny model, one process per rank.
+"""Run by tests/test_distributed.py under torchrun (or alone): SFTTrainer + ReftConfig on a tiny model.
 
-argv: <output_dir> <per_device_batch> <steps> [bf16]. Writes per rank `params-<rank>.safetensors` and
-`losses-<rank>.json`; rank 0 saves the adapter in `<output_dir>/adapter`.
+argv: <output_dir> <per_device_batch> <steps> [deepspeed options]. Writes per rank `params-<rank>.safetensors` (whole
+tensors, gathered under ZeRO-3) and `losses-<rank>.json`; the main process saves the adapter in `<output_dir>/adapter`.
+DeepSpeed options (TrainingArguments(deepspeed=...), as a user of the HF Trainer sets it): `zero2` or `zero3`, plus
+`init` (ZeRO-3 partitions the base model's weights from construction, zero3_init_flag), `gc` (gradient
+checkpointing), `offload` (ZeRO-3 parameter offload to the CPU), `base=<dir>` (load the base model saved there).
 """
 
 import json
@@ -34,13 +37,38 @@ def dataset():
     ])
 
 
-def main():
-    out, per_device, steps = Path(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3])
+def tiny_model(path=None):
+    """The tiny Llama, built from its config (seed 0), or loaded from `path` (a saved copy of it)."""
+    if path is not None:
+        return AutoModelForCausalLM.from_pretrained(path)
     torch.manual_seed(0)
-    model = AutoModelForCausalLM.from_config(LlamaConfig(
+    return AutoModelForCausalLM.from_config(LlamaConfig(
         vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=4,
         num_key_value_heads=2, initializer_range=0.2, pad_token_id=0, eos_token_id=2, bos_token_id=1,
     ))
+
+
+def deepspeed_config(options):
+    """A DeepSpeed config as HF Trainer users write one ("auto" values are filled in from TrainingArguments)."""
+    stage = 3 if "zero3" in options else 2
+    zero = {"stage": stage}
+    if "offload" in options:
+        zero["offload_param"] = {"device": "cpu"}
+    return {
+        "zero_optimization": zero, "train_micro_batch_size_per_gpu": "auto", "train_batch_size": "auto",
+        "gradient_accumulation_steps": "auto", "gradient_clipping": "auto",
+        # torch's AdamW: DeepSpeed's CPU Adam would be compiled first
+        "optimizer": {"type": "AdamW", "params": {"lr": "auto", "betas": "auto", "eps": "auto",
+                                                  "weight_decay": "auto", "torch_adam": True}},
+    }
+
+
+def main():
+    out, per_device, steps = Path(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3])
+    options = {o for o in sys.argv[4:] if "=" not in o}
+    base = dict(o.split("=", 1) for o in sys.argv[4:] if "=" in o).get("base")  # a saved base model to load
+    deepspeed = deepspeed_config(options) if options & {"zero2", "zero3"} else None
+    model = None if "init" in options else tiny_model(base)  # built after the ZeRO-3 config: partitioned from the start
     from tokenizers import Tokenizer, models
     from transformers import PreTrainedTokenizerFast
 
@@ -50,13 +78,23 @@ def main():
         output_dir=str(out / "run"), max_steps=steps, per_device_train_batch_size=per_device, learning_rate=5e-2,
         logging_steps=1, use_cpu=True, report_to=[], save_strategy="no", bf16=False, seed=0,
         ddp_find_unused_parameters=False, dataloader_drop_last=True, completion_only_loss=True,
+        deepspeed=deepspeed, gradient_checkpointing="gc" in options,
     )
+    if model is None:
+        import deepspeed
+
+        deepspeed.init_distributed()  # zero.Init reads the world size from DeepSpeed's process group
+        model = tiny_model(base)
+        partitioned = model.model.layers[0].self_attn.q_proj.weight
+        assert partitioned.numel() == 0 and partitioned.ds_numel == 32 * 32  # ZeRO-3 partitioned it at construction
     config = ReftConfig(layers=[0, 2], low_rank_dimension=4, positions="f7+l7")  # f7+l7 > most prompts: empty slots
     trainer = SFTTrainer(model=model, args=args, train_dataset=dataset(), processing_class=tokenizer,
                          peft_config=config)
     trainer.train()
     rank = trainer.accelerator.process_index
-    params = {n: p.detach().clone().contiguous() for n, p in trainer.model.named_parameters() if p.requires_grad}
+    trained = [(n, p) for n, p in trainer.model.named_parameters() if p.requires_grad]
+    with gathered([p for _, p in trained]):
+        params = {n: p.detach().clone().contiguous() for n, p in trained}
     save_file(params, str(out / f"params-{rank}.safetensors"))
     losses = [e["loss"] for e in trainer.state.log_history if "loss" in e]
     (out / f"losses-{rank}.json").write_text(json.dumps(losses))
@@ -68,6 +106,19 @@ def main():
     accelerator.end_training()  # destroys the process group: no gloo abort at exit
     if dist.is_available() and dist.is_initialized():
         dist.destroy_process_group()
+
+
+def gathered(params):
+    """The whole tensors of ZeRO-3 partitioned parameters (nothing to do without ZeRO-3)."""
+    from contextlib import nullcontext
+
+    from transformers.integrations.deepspeed import is_deepspeed_zero3_enabled
+
+    if not is_deepspeed_zero3_enabled():
+        return nullcontext()
+    import deepspeed
+
+    return deepspeed.zero.GatheredParameters(params)
 
 
 if __name__ == "__main__":
