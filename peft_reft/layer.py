@@ -200,22 +200,28 @@ class ReftLayer(nn.Module, BaseTunerLayer):
 
     @staticmethod
     def _edit(hidden: torch.Tensor, interventions: nn.ModuleList, locations: torch.Tensor) -> torch.Tensor:
-        """Add each intervention's delta at its locations (`[B, groups, P]`, -1 = empty) with one gather per group
-        and one scatter; only the selected tokens go through the interventions."""
+        """Add each intervention's delta at its locations (`[B, groups, P]`, -1 = empty), in place: one gather per
+        group and one scatter-add; only the selected tokens go through the interventions. Autograd keeps only the
+        indices (see `_GatherTokens`, `_AddAtTokens`), so no copy of the hidden states is made or kept."""
         if locations.shape[1] != len(interventions):
             raise RuntimeError(
                 f"ReFT positions of shape {list(locations.shape)} do not fit {len(interventions)} intervention(s) "
                 "per layer."
             )
-        width = hidden.shape[-1]
         index = locations.clamp(min=0)
+        tracked = torch.is_grad_enabled()  # without autograd (inference) the plain ops do the same, with less overhead
         deltas = []
         for group, intervention in enumerate(interventions):
             # empty slots read token 0 and add a zero delta, so every intervention runs (DDP needs its gradients)
-            selected = hidden.gather(1, index[:, group, :, None].expand(-1, -1, width))
+            if tracked:
+                selected = _GatherTokens.apply(hidden, index[:, group])
+            else:
+                selected = hidden.gather(1, _token_index(index[:, group], hidden.shape[-1]))
             deltas.append(torch.where(locations[:, group, :, None] >= 0, intervention.delta(selected), 0.0))
-        flat_index = index.flatten(1)[..., None].expand(-1, -1, width)
-        return hidden.scatter_add(1, flat_index, deltas[0] if len(deltas) == 1 else torch.cat(deltas, dim=1))
+        delta = deltas[0] if len(deltas) == 1 else torch.cat(deltas, 1)
+        if tracked:
+            return _AddAtTokens.apply(hidden, index.flatten(1), delta)
+        return hidden.scatter_add_(1, _token_index(index.flatten(1), hidden.shape[-1]), delta)
 
     def __getattr__(self, name: str) -> Any:
         # model code reads attributes of its decoder layers (e.g. `attention_type`): forward them to the wrapped layer
@@ -241,3 +247,40 @@ def _recompute_with(positions: Optional[dict[str, torch.Tensor]], grad: torch.Te
     """Gradient hook on a layer's output: the backward pass is about to recompute that (checkpointed) layer, so its
     attention / MLP hooks get the positions of the forward call that produced the output."""
     _RECOMPUTE_POSITIONS.set(positions)
+
+
+def _token_index(index: torch.Tensor, width: int) -> torch.Tensor:
+    return index[..., None].expand(-1, -1, width)
+
+
+class _GatherTokens(torch.autograd.Function):
+    """`hidden[b, index[b, p], :]` (`[B, P, d]`). Saves only `index` for backward, not `hidden`, so that `hidden`
+    can be edited in place afterwards (torch's gather would keep `hidden` and refuse that)."""
+
+    @staticmethod
+    def forward(ctx, hidden: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+        ctx.save_for_backward(index)
+        ctx.seq_len = hidden.shape[1]
+        return hidden.gather(1, _token_index(index, hidden.shape[-1]))
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        (index,) = ctx.saved_tensors
+        grad_hidden = grad.new_zeros(grad.shape[0], ctx.seq_len, grad.shape[-1])
+        return grad_hidden.scatter_add_(1, _token_index(index, grad.shape[-1]), grad), None
+
+
+class _AddAtTokens(torch.autograd.Function):
+    """`hidden[b, index[b, p], :] += deltas[b, p, :]`, in place (no copy of `hidden`). Backward: the gradient passes
+    through to `hidden` unchanged, and `deltas` get it gathered at their tokens."""
+
+    @staticmethod
+    def forward(ctx, hidden: torch.Tensor, index: torch.Tensor, deltas: torch.Tensor) -> torch.Tensor:
+        ctx.save_for_backward(index)
+        ctx.mark_dirty(hidden)
+        return hidden.scatter_add_(1, _token_index(index, hidden.shape[-1]), deltas)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        (index,) = ctx.saved_tensors
+        return grad, None, grad.gather(1, _token_index(index, grad.shape[-1]))

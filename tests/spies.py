@@ -16,7 +16,8 @@ class EditedTokens:
         self._interventions = layer.reft_interventions[adapter]
         self._handles = [
             peft_model.get_input_embeddings().register_forward_hook(lambda m, a, o: setattr(self, "_ids", a[0])),
-            layer.base_layer.register_forward_hook(lambda m, a, o: setattr(self, "_base", _hidden(o))),
+            # a copy: the edit is added to the base layer's output in place
+            layer.base_layer.register_forward_hook(lambda m, a, o: setattr(self, "_base", _hidden(o).detach().clone())),
             layer.register_forward_hook(lambda m, a, o: self._record(_hidden(o))),
         ]
 

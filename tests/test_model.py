@@ -392,3 +392,16 @@ def test_a_first_window_of_its_own_at_the_last_layer_is_dead_and_says_so():
         get_peft_model(tiny_model(), _config(layers="all", positions="f2+l2", share_weights=True))
         get_peft_model(tiny_model(), _config(layers=[0, 1, 2], positions="f2+l2"))
         get_peft_model(tiny_model(), _config(layers="all", positions="l2"))
+
+
+def test_output_hidden_states_show_the_edited_block_output():
+    model = get_peft_model(tiny_model(), _config(layers=[1], positions="all", init_weights=False)).eval()
+    ids = _batch()["input_ids"]
+    with torch.no_grad():
+        edited = model(input_ids=ids, output_hidden_states=True).hidden_states
+        with model.disable_adapter():
+            plain = model(input_ids=ids, output_hidden_states=True).hidden_states
+        layer = model.base_model.model.model.layers[1]
+        expected = plain[2] + layer.reft_interventions["default"][0](plain[2])  # layer 1's output, edited
+    assert torch.equal(edited[1], plain[1])  # before the edited layer: untouched
+    torch.testing.assert_close(edited[2], expected, rtol=1e-5, atol=1e-5)
