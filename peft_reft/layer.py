@@ -54,8 +54,17 @@ def call_positions(positions: dict[str, torch.Tensor]) -> Iterator[None]:
         _CALL_POSITIONS.reset(token)
 
 
+def replace_call_positions(positions: dict[str, torch.Tensor]) -> None:
+    """Inside a `call_positions` block, replace the positions for the model calls that follow (`generate` makes one
+    call per step inside one block); the block's exit restores what was there before it."""
+    if _CALL_POSITIONS.get() is None:
+        raise RuntimeError("replace_call_positions() must run inside a call_positions(...) block.")
+    _CALL_POSITIONS.set(positions)
+
+
 def _inside_backward() -> bool:
     return torch._C._current_graph_task_id() != -1
+
 
 # the submodule of a transformer layer whose output each component names, looked up by attribute name
 COMPONENT_SUBMODULES = {

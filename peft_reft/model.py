@@ -16,7 +16,7 @@ from peft.utils.other import AuxiliaryTrainingWrapper
 from torch import nn
 
 from .config import ReftConfig
-from .layer import _CALL_POSITIONS, MERGE_ERROR, ReftLayer, call_positions, component_module
+from .layer import MERGE_ERROR, ReftLayer, call_positions, component_module, replace_call_positions
 from .positions import intervention_group_map, locations_from_group_map, positions_per_group
 from .trainers import calling_trainer, trainer_problem
 
@@ -104,8 +104,9 @@ class ReftModel(BaseTuner):
 
     The layers listed in `ReftConfig.layers` are wrapped in `ReftLayer`. On every forward pass the intervention
     positions of the batch (explicit `intervention_locations`, or derived from `attention_mask` and `labels`, see
-    `peft_reft.positions`) are computed once and handed to the layers. `generate` edits the prompt positions in the
-    prefill pass only, so decoding costs what the base model costs.
+    `peft_reft.positions`) are computed once and reach the layers with that call only (`call_positions`). `generate`
+    edits the prompt positions in the prefill pass (every step without KV cache), so decoding costs what the base
+    model costs.
 
     Example:
 
@@ -448,25 +449,25 @@ class ReftModel(BaseTuner):
             cache = _kv_cache(call_kwargs)
             done = cache.get_seq_length() if self._non_empty_cache(cache) else 0  # tokens already in the KV cache
             if done >= prompt_length and not every_token:  # a cached decode step: nothing to edit, nothing to pay
-                _CALL_POSITIONS.set({})
+                replace_call_positions({})
                 return
             if cache is None and reference.shape[1] < prompt_length:
                 raise RuntimeError(
                     f"ReFT cannot place the prompt edits in a generation step of {reference.shape[1]} token(s) for a "
                     f"{prompt_length}-token prompt without a KV cache object in the call (`cache` / `past_key_values`)."
                 )
-            # the positions of this model call; the next call replaces them, and generate's end restores the caller's
-            _CALL_POSITIONS.set(self._step_positions(
+            # the positions of this model call; the next call replaces them
+            replace_call_positions(self._step_positions(
                 prompt_positions, every_token, prompt_length, done, reference, call_kwargs.get("attention_mask")
             ))
 
-        generation, outer = _GENERATION.set(this_generation), _CALL_POSITIONS.set({})
+        generation = _GENERATION.set(this_generation)
         handle = self.model.register_forward_pre_hook(enter_step, with_kwargs=True)
         try:
-            return self.model.generate(*args, **kwargs)
+            with call_positions({}):
+                return self.model.generate(*args, **kwargs)
         finally:
             handle.remove()
-            _CALL_POSITIONS.reset(outer)
             _GENERATION.reset(generation)
 
     def _step_positions(
