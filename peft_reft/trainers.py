@@ -14,7 +14,7 @@ in what they pass to the model:
   head reads.
 - `DistillationTrainer`: runs the transformers backbone inside the PeftModel directly: refused.
 - Every other TRL trainer (`trl.experimental`: ORPO, CPO, GKD, Online DPO, TPO, ...): no labels mark the prompt:
-  refused with prompt positions; `positions="all"` trains.
+  refused with prompt positions; `positions="all"` is let through (tested with ORPO and CPO).
 
 Any trainer whose DeepSpeed configuration offloads to NVMe without the libaio library DeepSpeed needs for it is
 refused too.
