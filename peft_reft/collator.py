@@ -23,6 +23,9 @@ class ReftDataCollator:
         collator (callable, *optional*): the collator to wrap. Default: TRL's `DataCollatorForLanguageModeling`
             (right padding), which needs `pad_token_id`.
         pad_token_id (`int`, *optional*): the padding token id for the default collator.
+        head_pad_token_id (`int`, *optional*): with `task_type="SEQ_CLS"` on a decoder classifier (a `score` head, e.g.
+            LlamaForSequenceClassification), the model's `pad_token_id`: the head reads the rightmost token that is
+            not padding, and the windows end there, as in the model.
 
     Example:
 
@@ -38,6 +41,7 @@ class ReftDataCollator:
         reft_config: ReftConfig,
         collator: Optional[Callable[[list[dict[str, Any]]], dict[str, Any]]] = None,
         pad_token_id: Optional[int] = None,
+        head_pad_token_id: Optional[int] = None,
     ):
         if collator is None:
             if pad_token_id is None:
@@ -50,12 +54,14 @@ class ReftDataCollator:
             collator = DataCollatorForLanguageModeling(pad_token_id=pad_token_id)
         self.reft_config = reft_config
         self.collator = collator
+        self.head_pad_token_id = head_pad_token_id
 
     def __call__(self, examples: list[dict[str, Any]]) -> dict[str, Any]:
         batch = self.collator(examples)
         config = self.reft_config
         classification = config.task_type == TaskType.SEQ_CLS
-        group_map = intervention_group_map(config.position_spec, config.share_weights, batch, classification)
+        group_map = intervention_group_map(config.position_spec, config.share_weights, batch, classification,
+                                           head_pad_token_id=self.head_pad_token_id if classification else None)
         locations = locations_from_group_map(group_map, config.num_groups)
         batch[INTERVENTION_LOCATIONS] = locations[:, 0] if config.num_groups == 1 else locations
         return batch

@@ -210,6 +210,9 @@ def test_decoder_classifier_last_window_ends_at_the_token_the_head_reads(side):
                 module.learned_source.bias.fill_(3.0)
     group_map = model.base_model.group_maps({"input_ids": ids, "attention_mask": mask})["default"]
     assert [torch.nonzero(row >= 0).flatten().tolist() for row in group_map] == [[r] for r in read]
+    collated = ReftDataCollator(model.peft_config["default"], collator=lambda rows: rows[0], head_pad_token_id=2)(
+        [{"input_ids": ids, "attention_mask": mask}])  # the collator places the window where the model does
+    assert collated["intervention_locations"].tolist() == [[r] for r in read]
     with torch.no_grad():
         scores = model(input_ids=ids, attention_mask=mask).logits
         with model.disable_adapter():
