@@ -440,25 +440,30 @@ class ReftModel(BaseTuner):
         prompt_length = self._batch_rows(prompt).shape[1]
         every_token = [name for name in prompt_positions if self.peft_config[name].position_spec.all]
         this_generation = object()  # the hook below acts for the model calls of this generate call only
+        calls = 0
 
         def enter_step(module, call_args, call_kwargs):
+            nonlocal calls
             if _GENERATION.get() is not this_generation:
                 return  # a call of another thread's generate
+            calls += 1
             new_ids = call_kwargs.get("input_ids", call_args[0] if call_args else None)
             reference = new_ids if new_ids is not None else call_kwargs["inputs_embeds"]
-            cache = _kv_cache(call_kwargs)
-            done = cache.get_seq_length() if self._non_empty_cache(cache) else 0  # tokens already in the KV cache
-            if done >= prompt_length and not every_token:  # a cached decode step: nothing to edit, nothing to pay
+            # known on the host, no look into the cache (a static cache's length is a device tensor): the first call
+            # (prefill) and every call without a KV cache (use_cache=False) run the whole sequence; the others are
+            # cached decode steps, past the prompt
+            whole_sequence = calls == 1 or _kv_cache(call_kwargs) is None
+            if not whole_sequence and not every_token:  # a cached decode step: nothing to edit, nothing to pay
                 replace_call_positions({})
                 return
-            if cache is None and reference.shape[1] < prompt_length:
+            if whole_sequence and reference.shape[1] < prompt_length:
                 raise RuntimeError(
-                    f"ReFT cannot place the prompt edits in a generation step of {reference.shape[1]} token(s) for a "
-                    f"{prompt_length}-token prompt without a KV cache object in the call (`cache` / `past_key_values`)."
+                    f"ReFT expected a model call over the whole sequence ({prompt_length}+ tokens) in this generation "
+                    f"step and got {reference.shape[1]} token(s); this generation mode is not supported."
                 )
             # the positions of this model call; the next call replaces them
             replace_call_positions(self._step_positions(
-                prompt_positions, every_token, prompt_length, done, reference, call_kwargs.get("attention_mask")
+                prompt_positions if whole_sequence else {}, every_token, reference, call_kwargs.get("attention_mask")
             ))
 
         generation = _GENERATION.set(this_generation)
@@ -474,26 +479,21 @@ class ReftModel(BaseTuner):
         self,
         prompt_positions: dict[str, torch.Tensor],
         every_token: list[str],
-        prompt_length: int,
-        done: int,
         step_ids: torch.Tensor,
         attention_mask: Optional[torch.Tensor],
     ) -> dict[str, torch.Tensor]:
-        """Positions for one model call of `generate`, which runs tokens `done .. done + new` of the sequence.
+        """Positions for one model call of `generate`: the prompt positions in a call over the whole sequence
+        (`prompt_positions`, empty for a cached decode step), and every new token of the `positions="all"` adapters.
 
-        Prompt positions are edited where the call covers them: all of them in the prefill pass, and again in every
-        step of a generation without KV cache (`use_cache=False`), which reruns the whole sequence; none in a cached
-        decode step, which costs what the base model costs. `positions="all"` adapters edit every new token.
+        Prompt positions are edited in the prefill pass, and again in every step of a generation without KV cache
+        (`use_cache=False`), which reruns the whole sequence; never in a cached decode step, which costs what the base
+        model costs.
         """
         batch_size, new_tokens = step_ids.shape[:2]
-        positions = {}
-        if done < prompt_length:
-            for name, where in prompt_positions.items():
-                if name in every_token:
-                    continue
-                if done:  # a call that starts inside the prompt (generate rejects the cases that lead here)
-                    where = torch.where((where >= done) & (where < done + new_tokens), where - done, -1)
-                positions[name] = where.repeat_interleave(batch_size // where.shape[0], dim=0)  # beams, samples
+        positions = {
+            name: where.repeat_interleave(batch_size // where.shape[0], dim=0)  # beams, num_return_sequences
+            for name, where in prompt_positions.items() if name not in every_token
+        }
         if every_token:
             step = {"input_ids": step_ids, "attention_mask": None}
             if attention_mask is not None and attention_mask.dim() == 2:
