@@ -27,6 +27,7 @@ SMOKE_FLAGS = {
     "examples/classification.py": ["--steps", "10"],
     "examples/dpo.py": ["--max_steps", "2", "--save_strategy", "no"],
     "examples/grpo.py": ["--max_steps", "2", "--save_strategy", "no", "--max_completion_length", "4"],
+    "examples/compare_lora.py": ["--quick"],
 }
 # commands that are not run here, and why
 NOT_RUN = {
@@ -139,5 +140,12 @@ def test_readme_command_runs(command, tmp_path):
         assert "Device: CPU" in out and "Adapter on disk:" in out
         written = {p.name for p in (tmp_path / "outputs" / "quickstart").iterdir()}
         assert {"adapter_model.safetensors", "loss.png"} <= written
+    elif script == "examples/compare_lora.py":
+        results = json.loads(next(tmp_path.glob("outputs/compare_lora/compare_lora.json")).read_text())
+        assert list(results) == ["emoji", "sentiment"] and all(len(rows) == 4 for rows in results.values())
+        trainable = [row["trainable"] for row in results["emoji"]]
+        assert trainable == [2_442_240, 18_448, 276_720, 276_720], trainable  # LoRA r8 all-linear, the ReFT recipes
+        assert "| sentiment | LoReFT, paper recipe |" in out
+        assert (tmp_path / "outputs" / "compare_lora" / "compare_lora.png").exists()
     elif script == "examples/classification.py":
         assert re.search(r"Test accuracy, ReFT \+ linear head: +[0-9.]+", out), out[-2000:]
