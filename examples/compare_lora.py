@@ -7,10 +7,12 @@ on two tasks built here deterministically, with disjoint training and held-out s
 
 Methods: LoRA r8 on all linear layers; LoReFT with the quickstart recipe (layers 3, 9, 15, 21, rank 4, `f1+l5`, shared);
 LoReFT with the paper's recipe (all layers, rank 8, `f7+l7`, shared); NoDiReFT (the paper's DiReFT) with the paper's
-positions. Per row: held-out score, trainable parameters, adapter size on disk, mean step time (and its ratio to LoRA's,
-measured in this process), peak memory of training (resident set above the loaded model), wall time.
+positions; ReFT + LoRA in one adapter (the quickstart recipe with a LoRA r8 part on all linear layers,
+`ReftConfig(lora_config=...)`). Per row: held-out score, trainable parameters, adapter size on disk, mean step time
+(and its ratio to LoRA's, measured in this process), peak memory of training (resident set above the loaded model),
+wall time.
 
-    python examples/compare_lora.py            # the full run (about 20 minutes on 2 CPU cores)
+    python examples/compare_lora.py            # the full run (about 25 minutes on 2 CPU cores)
     python examples/compare_lora.py --quick    # a smoke run: 1 step, 2 held-out prompts per task
 """
 
@@ -46,6 +48,10 @@ METHODS = {
                                                 share_weights=True, init_weights=False), 4e-3),
     "NoDiReFT, paper positions": (lambda: ReftConfig(layers="all", low_rank_dimension=8, positions="f7+l7",
                                                      share_weights=True, intervention="nodireft"), 4e-3),
+    # one adapter, one learning rate between the two methods' own
+    "LoReFT + LoRA r8, quickstart recipe": (lambda: ReftConfig(
+        layers=[3, 9, 15, 21], low_rank_dimension=4, positions="f1+l5", share_weights=True, init_weights=False,
+        lora_config=LoraConfig(r=8, lora_alpha=16, target_modules="all-linear")), 2e-3),
 }
 QUESTION = "Is this review positive or negative? Answer with one word. Review: {}"
 
@@ -177,10 +183,11 @@ def main(argv=None):
         results[task_name] = []
         for method in METHODS:
             began = time.perf_counter()
-            row = run(method, task, steps, out / task_name / method.split(",")[0].replace(" ", "-"), device_defaults)
+            folder = "".join(c if c.isalnum() else "-" for c in method.lower())
+            row = run(method, task, steps, out / task_name / folder, device_defaults)
             row["wall_s"] = time.perf_counter() - began
             results[task_name].append(row)
-            print(f"{task_name:9} {method:28} score {row['score']:.2f}  step {row['step_s']:.2f} s  "
+            print(f"{task_name:9} {method:36} score {row['score']:.2f}  step {row['step_s']:.2f} s  "
                   f"trainable {row['trainable']:,}  e.g. {row['samples'][0]!r}", flush=True)
     print()
     print(report(results, out, steps))

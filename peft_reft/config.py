@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import copy
+import dataclasses
 from dataclasses import dataclass, field
-from typing import Literal, Optional, Union
+from typing import Any, Literal, Optional, Union
 
+from peft import LoraConfig
 from peft.config import PeftConfig
 from peft.utils import PeftType, TaskType
 
@@ -13,6 +16,15 @@ from .positions import PositionSpec, parse_positions
 
 SUPPORTED_TASK_TYPES = (TaskType.CAUSAL_LM, TaskType.SEQ_CLS)
 COMPONENTS = ("block_output", "mlp_output", "attention_output")
+# LoraConfig fields the LoRA part of a ReFT adapter may set; the others must keep LoRA's defaults (see `lora_config`)
+LORA_PART_FIELDS = (
+    "r", "lora_alpha", "lora_dropout", "target_modules", "exclude_modules", "fan_in_fan_out", "use_rslora",
+    "init_lora_weights", "layers_to_transform", "layers_pattern", "rank_pattern", "alpha_pattern", "use_dora",
+)
+LORA_PART_INIT = (True, False, "gaussian")  # the initialisations that leave the base weights untouched
+# what peft itself fills in on any config (bookkeeping, not a LoRA option)
+_CONFIG_BOOKKEEPING = ("peft_type", "task_type", "inference_mode", "base_model_name_or_path", "revision",
+                       "auto_mapping", "peft_version", "runtime_config")
 
 
 @dataclass
@@ -54,6 +66,15 @@ class ReftConfig(PeftConfig):
             Extra modules to train and save fully (as with LoRA).
         trainable_token_indices (*optional*):
             Token embeddings to train (as with LoRA); TRL sets it when it adds chat-template tokens.
+        lora_config (`peft.LoraConfig`, *optional*):
+            A LoRA adapter that is part of this adapter (ReFT + LoRA in one model): its layers are injected under the
+            same adapter name, trained, saved in the same files, loaded, enabled, disabled, switched and deleted with
+            the interventions. Its `target_modules` are matched by module name (e.g. `["q_proj", "v_proj"]`, or
+            `"all-linear"`, which becomes the short names of the model's linear layers, output head excluded). It may
+            set `r`, `lora_alpha`, `lora_dropout`, `target_modules`, `exclude_modules`, `fan_in_fan_out`,
+            `use_rslora`, `init_lora_weights` (True, False or "gaussian"), `layers_to_transform`, `layers_pattern`,
+            `rank_pattern`, `alpha_pattern` and `use_dora`; heads and token embeddings to train belong in this
+            config's `modules_to_save` / `trainable_token_indices`.
         task_type (`str`):
             `"CAUSAL_LM"` (default): positions are taken from each prompt, the tokens before the completion.
             `"SEQ_CLS"`: sequence classification (encoders such as BERT/RoBERTa, or decoders with a classification
@@ -107,6 +128,13 @@ class ReftConfig(PeftConfig):
     trainable_token_indices: Optional[Union[list[int], dict[str, list[int]]]] = field(
         default=None, metadata={"help": "Token indices whose embeddings are trained (as in LoRA)."}
     )
+    lora_config: Optional[Union[LoraConfig, dict]] = field(
+        default=None,
+        metadata={
+            "help": "A peft LoraConfig whose LoRA layers are part of this adapter (ReFT + LoRA in one model), e.g. "
+            "LoraConfig(r=8, target_modules='all-linear'); trained, saved and loaded with the interventions."
+        },
+    )
 
     def __post_init__(self):
         super().__post_init__()
@@ -148,6 +176,16 @@ class ReftConfig(PeftConfig):
         if problem:
             raise ValueError(f"ReftConfig: init_weights=True cannot give an identity at init: {problem}. "
                              "Set init_weights=False (random init, as pyreft) or change act_fn.")
+        if self.lora_config is not None:
+            self.lora_config = checked_lora_part(self.lora_config)
+
+    def to_dict(self) -> dict[str, Any]:
+        """The config as a JSON-ready dict; the LoRA part is stored as LoRA stores its own config."""
+        result = super().to_dict()
+        if self.lora_config is not None:
+            lora = self.lora_config.to_dict()
+            result["lora_config"] = {k: sorted(v) if isinstance(v, set) else v for k, v in lora.items()}
+        return result
 
     @staticmethod
     def _checked_layers(layers):
@@ -174,3 +212,44 @@ class ReftConfig(PeftConfig):
     def num_groups(self) -> int:
         """Interventions per layer (2 for untied 'fN+lM', else 1)."""
         return self.position_spec.num_groups(self.share_weights)
+
+
+def checked_lora_part(lora_config) -> LoraConfig:
+    """A copy of the LoRA part of a ReFT adapter (a `LoraConfig`, or its dict as saved in `adapter_config.json`),
+    checked to use only the LoRA options that ReFT + LoRA supports (`LORA_PART_FIELDS`)."""
+    if isinstance(lora_config, dict):
+        kind = lora_config.get("peft_type", PeftType.LORA)
+        if kind != PeftType.LORA:
+            raise ValueError(f"ReftConfig: lora_config has peft_type={kind!r}; the part added to ReFT must be LoRA.")
+        known = {f.name for f in dataclasses.fields(LoraConfig)}
+        unknown = sorted(set(lora_config) - known)
+        if unknown:
+            raise ValueError(
+                f"ReftConfig: lora_config has fields {unknown} that this peft's LoraConfig does not know (saved by a "
+                "newer peft?); upgrade peft or remove them."
+            )
+        lora_config = LoraConfig(**{k: v for k, v in lora_config.items() if k != "peft_type"})
+    if type(lora_config) is not LoraConfig:
+        raise ValueError(
+            f"ReftConfig: lora_config must be a peft.LoraConfig (or its dict), got {type(lora_config).__name__}."
+        )
+    defaults = LoraConfig()
+    changed = sorted(
+        f.name for f in dataclasses.fields(LoraConfig)
+        if f.name not in LORA_PART_FIELDS + _CONFIG_BOOKKEEPING
+        and getattr(lora_config, f.name) != getattr(defaults, f.name)
+    )
+    if changed:
+        raise ValueError(
+            f"ReftConfig: lora_config sets {changed}, which the LoRA part of a ReFT adapter does not support. It may "
+            f"set {', '.join(LORA_PART_FIELDS)}; put modules to train fully (`modules_to_save`) and token embeddings "
+            "(`trainable_token_indices`) on the ReftConfig itself."
+        )
+    if lora_config.init_lora_weights not in LORA_PART_INIT or isinstance(lora_config.init_lora_weights, int) and (
+        not isinstance(lora_config.init_lora_weights, bool)
+    ):
+        raise ValueError(
+            f"ReftConfig: lora_config.init_lora_weights={lora_config.init_lora_weights!r} is not supported with ReFT; "
+            f"use one of {LORA_PART_INIT} (the others change the base weights or need data)."
+        )
+    return copy.deepcopy(lora_config)

@@ -1,5 +1,5 @@
-"""`ReftModel`: the peft tuner that wraps transformer layers (decoder or encoder) in `ReftLayer`s and routes
-intervention positions to them."""
+"""`ReftModel`: the peft tuner that wraps transformer layers (decoder or encoder) in `ReftLayer`s (plus the LoRA
+layers of an adapter's LoRA part) and routes intervention positions to them."""
 
 from __future__ import annotations
 
@@ -10,6 +10,7 @@ import warnings
 from typing import Any, Optional
 
 import torch
+from peft.tuners.lora import LoraLayer
 from peft.tuners.tuners_utils import BaseTuner, _get_submodules, _remove_adapter_name_from_state_dict_key
 from peft.utils import TaskType
 from peft.utils.other import AuxiliaryTrainingWrapper
@@ -17,6 +18,7 @@ from torch import nn
 
 from .config import ReftConfig
 from .layer import MERGE_ERROR, ReftLayer, call_positions, component_module, replace_call_positions
+from .lora_part import inject_lora_part
 from .positions import intervention_group_map, locations_from_group_map, positions_per_group
 from .trainers import calling_trainer, trainer_problem
 
@@ -34,8 +36,9 @@ _GENERATION: contextvars.ContextVar[Optional[object]] = contextvars.ContextVar("
 
 
 def _aux_adapter_names_hook(module: nn.Module, args: tuple, kwargs: dict[str, Any]):
-    """Forward pre-hook of a `modules_to_save` / trainable-token wrapper during a mixed-adapter call: pass it the
-    per-example adapter names of this thread's call, repeated when beams or samples expanded the batch."""
+    """Forward pre-hook of a `modules_to_save` / trainable-token wrapper or a LoRA-part layer during a mixed-adapter
+    call: pass it the per-example adapter names of this thread's call, repeated when beams or samples expanded the
+    batch."""
     names = _BATCH_ADAPTER_NAMES.get()
     if names is None:
         return None
@@ -102,7 +105,9 @@ def hidden_size_of(model: nn.Module) -> int:
 class ReftModel(BaseTuner):
     """Creates a ReFT model from a transformers model (use `peft.get_peft_model` with a `ReftConfig`).
 
-    The layers listed in `ReftConfig.layers` are wrapped in `ReftLayer`. On every forward pass the intervention
+    The layers listed in `ReftConfig.layers` are wrapped in `ReftLayer`; an adapter with a LoRA part
+    (`ReftConfig.lora_config`) also gets peft's LoRA layers under its name (see `peft_reft.lora_part`). On every
+    forward pass the intervention
     positions of the batch (explicit `intervention_locations`, or derived from `attention_mask` and `labels`, see
     `peft_reft.positions`) are computed once and reach the layers with that call only (`call_positions`). `generate`
     edits the prompt positions in the prefill pass (every step without KV cache), so decoding costs what the base
@@ -119,7 +124,9 @@ class ReftModel(BaseTuner):
     """
 
     prefix: str = "reft_"
-    tuner_layer_cls = ReftLayer
+    # peft switches, freezes and deletes adapters on the layers of this class; LoRA parts (`ReftConfig.lora_config`)
+    # live in LoraLayers under the same adapter names and follow along
+    tuner_layer_cls = (ReftLayer, LoraLayer)
     target_module_mapping: dict = {}
 
     # ----------------------------------------------------------------------------------------------- injection
@@ -212,6 +219,24 @@ class ReftModel(BaseTuner):
                 "has none."
             )
 
+    def inject_adapter(
+        self,
+        model: nn.Module,
+        adapter_name: str,
+        autocast_adapter_dtype: bool = True,
+        low_cpu_mem_usage: bool = False,
+        state_dict: Optional[dict[str, torch.Tensor]] = None,
+    ) -> None:
+        """Wrap the chosen layers in `ReftLayer`s (peft's injection), then inject the adapter's LoRA part, if it has
+        one (`ReftConfig.lora_config`), under the same adapter name."""
+        super().inject_adapter(
+            model, adapter_name, autocast_adapter_dtype=autocast_adapter_dtype, low_cpu_mem_usage=low_cpu_mem_usage,
+            state_dict=state_dict,
+        )
+        config = self.peft_config[adapter_name]
+        if config.lora_config is not None:
+            inject_lora_part(model, adapter_name, config, low_cpu_mem_usage)
+
     def _create_and_replace(
         self,
         peft_config: ReftConfig,
@@ -247,7 +272,9 @@ class ReftModel(BaseTuner):
         pattern = rf"(\.{cls.prefix}\w+)\.{re.escape(adapter_name)}(?=\.|$)"
         if re.search(pattern, key):
             return re.sub(pattern, r"\1", key, count=1)
-        return _remove_adapter_name_from_state_dict_key(key, adapter_name)
+        # a LoRA-part key, e.g. `...layers.3.base_layer.self_attn.q_proj.lora_A.<adapter>.weight`: saved under the
+        # model's own module path (`...layers.3.self_attn.q_proj.lora_A.weight`), whichever layers ReFT has wrapped
+        return _remove_adapter_name_from_state_dict_key(key, adapter_name).replace(".base_layer.", ".")
 
     # ----------------------------------------------------------------------------------------------- merging
     def _check_merge_allowed(self):
@@ -262,9 +289,11 @@ class ReftModel(BaseTuner):
     ):
         if merge:
             self._check_merge_allowed()
-        for key, module in list(self.model.named_modules()):
-            if isinstance(module, ReftLayer):
-                module.remove_component_hooks()
+        # innermost first: the LoRA layers of a LoRA part sit inside the layers that ReftLayers wrap
+        for key, module in reversed(list(self.model.named_modules())):
+            if isinstance(module, (ReftLayer, LoraLayer)):
+                if isinstance(module, ReftLayer):
+                    module.remove_component_hooks()
                 replacement = module.get_base_layer()
             elif hasattr(module, "unload_and_optionally_merge_module"):  # e.g. modules_to_save wrappers
                 replacement = module.unload_and_optionally_merge_module(
@@ -348,10 +377,11 @@ class ReftModel(BaseTuner):
                 f"{sorted(self.peft_config)} or {BASE_ADAPTER!r}."
             )
         token = _BATCH_ADAPTER_NAMES.set(list(adapter_names))
-        # peft's wrappers of `modules_to_save` heads and trainable tokens take `adapter_names` as a forward argument,
-        # as with LoRA; the hook reads this thread's names, so another thread's calls are left alone
+        # peft's wrappers of `modules_to_save` heads and trainable tokens, and the layers of LoRA parts, take
+        # `adapter_names` as a forward argument; the hook reads this thread's names, so another thread's calls are
+        # left alone
         handles = [module.register_forward_pre_hook(_aux_adapter_names_hook, with_kwargs=True)
-                   for module in self.model.modules() if isinstance(module, AuxiliaryTrainingWrapper)]
+                   for module in self.model.modules() if isinstance(module, (AuxiliaryTrainingWrapper, LoraLayer))]
         try:
             yield
         finally:

@@ -26,6 +26,7 @@ def test_fields_are_documented():
     assert {f.name for f in own} == {
         "layers", "component", "low_rank_dimension", "intervention", "positions", "share_weights", "dropout",
         "act_fn", "init_weights", "target_modules", "exclude_modules", "modules_to_save", "trainable_token_indices",
+        "lora_config",
     }
     for f in own:
         assert f.metadata.get("help"), f.name

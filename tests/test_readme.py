@@ -19,6 +19,7 @@ SNIPPETS = {
     "model.print_trainable_parameters()                # trainable params: 18,448": "trainable params: 18,448",
     "peft_config=ReftConfig(layers=[8]": "train_loss",
     'task_type="SEQ_CLS"': "trainable params: 19,226",
+    "lora_config=LoraConfig(": "trainable params: 2,460,688",
 }
 # extra flags that make a documented command smoke-sized (appended; the command itself is run as written)
 SMOKE_FLAGS = {
@@ -142,10 +143,12 @@ def test_readme_command_runs(command, tmp_path):
         assert {"adapter_model.safetensors", "loss.png"} <= written
     elif script == "examples/compare_lora.py":
         results = json.loads(next(tmp_path.glob("outputs/compare_lora/compare_lora.json")).read_text())
-        assert list(results) == ["emoji", "sentiment"] and all(len(rows) == 4 for rows in results.values())
+        assert list(results) == ["emoji", "sentiment"] and all(len(rows) == 5 for rows in results.values())
         trainable = [row["trainable"] for row in results["emoji"]]
-        assert trainable == [2_442_240, 18_448, 276_720, 276_720], trainable  # LoRA r8 all-linear, the ReFT recipes
+        # LoRA r8 all-linear, the ReFT recipes, and ReFT + LoRA (the quickstart recipe's + LoRA r8 all-linear's)
+        assert trainable == [2_442_240, 18_448, 276_720, 276_720, 18_448 + 2_442_240], trainable
         assert "| sentiment | LoReFT, paper recipe |" in out
+        assert "| emoji | LoReFT + LoRA r8, quickstart recipe |" in out
         assert (tmp_path / "outputs" / "compare_lora" / "compare_lora.png").exists()
     elif script == "examples/classification.py":
         assert re.search(r"Test accuracy, ReFT \+ linear head: +[0-9.]+", out), out[-2000:]

@@ -6,7 +6,8 @@ from pathlib import Path
 import pytest
 import torch
 from datasets import Dataset
-from peft import PeftModel
+from peft import LoraConfig, PeftModel
+from peft.tuners.lora import LoraLayer
 from spies import EditedTokens
 from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig
 from trl import SFTConfig, SFTTrainer
@@ -239,6 +240,23 @@ def test_checkpoints_resume_and_save_model(tokenizer, tmp_path):
     loaded = PeftModel.from_pretrained(tiny_model(tokenizer), tmp_path / "final").eval()
     with torch.no_grad():
         torch.testing.assert_close(loaded(**batch).logits, trained(**batch).logits, rtol=0, atol=1e-6)
+
+
+def test_reft_with_a_lora_part_trains_saves_and_loads(tokenizer, tmp_path):
+    config = reft_config(lora_config=LoraConfig(r=4, target_modules="all-linear"))
+    trainer = train(tokenizer, tmp_path, config=config)
+    assert_learns(trainer)
+    model = trainer.model.eval()
+    lora_layers = [m for m in model.modules() if isinstance(m, LoraLayer)]
+    assert len(lora_layers) == 3 * 7 and all(m.lora_B["default"].weight.abs().max() > 0 for m in lora_layers)
+    trainer.save_model(str(tmp_path / "final"))
+    loaded = PeftModel.from_pretrained(tiny_model(tokenizer), tmp_path / "final").eval()
+    batch = tokenizer(["What is the capital of France? Paris"], return_tensors="pt")
+    with torch.no_grad():
+        trained = model(**batch).logits
+        torch.testing.assert_close(loaded(**batch).logits, trained, rtol=0, atol=1e-6)
+        with model.disable_adapter():
+            assert (model(**batch).logits - trained).abs().max() > 1e-2
 
 
 def test_padding_free_and_bfd_packing_are_rejected(tokenizer, tmp_path):
