@@ -12,7 +12,7 @@ positions; ReFT + LoRA in one adapter (the quickstart recipe with a LoRA r8 part
 (and its ratio to LoRA's, measured in this process), peak memory of training (resident set above the loaded model),
 wall time.
 
-    python examples/compare_lora.py            # the full run (about 25 minutes on 2 CPU cores)
+    python examples/compare_lora.py            # the full run (about 22 minutes on 2 CPU cores)
     python examples/compare_lora.py --quick    # a smoke run: 1 step, 2 held-out prompts per task
 """
 
@@ -148,18 +148,17 @@ def plot(results: dict, path: Path):
     except ImportError:
         return None
     methods = list(METHODS)
-    fig, axes = plt.subplots(1, 3, figsize=(12, 3.6))
+    fig, axes = plt.subplots(1, 3, figsize=(16, 4.2))
     for ax, (key, label) in zip(axes, [("score", "held-out score"), ("trainable", "trainable parameters (log)"),
                                        ("step_s", "step time / LoRA")]):
         for offset, (task, rows) in enumerate(results.items()):
             values = [r[key] / (rows[0][key] if key == "step_s" else 1) for r in rows]
             ax.bar([i + 0.4 * offset for i in range(len(rows))], values, width=0.4, label=task)
-        ax.set_xticks([i + 0.2 for i in range(len(methods))], [m.split(",")[0] + "\n" + m.split(", ")[-1]
-                                                                for m in methods], fontsize=7)
+        ax.set_xticks([i + 0.2 for i in range(len(methods))], [m.replace(", ", "\n") for m in methods], fontsize=7)
         ax.set_title(label, fontsize=9)
         if key == "trainable":
             ax.set_yscale("log")
-    axes[0].legend(fontsize=8)
+    axes[0].legend(fontsize=8, loc="lower left")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)

@@ -187,6 +187,29 @@ def single_run(saved_base, tmp_path_factory):
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("options", ["lora", "zero3 lora"])
+def test_reft_with_a_lora_part_matches_single_process(tmp_path, saved_base, options):
+    """ReFT + LoRA in one adapter under DDP and under DeepSpeed ZeRO-3: the same training as one process."""
+    single = tmp_path / "single"
+    single_process(WORKERS / "sft_worker.py", single, 4, 8, "lora", f"base={saved_base}")
+    torchrun(WORKERS / "sft_worker.py", tmp_path / "run", 2, 8, *options.split(), f"base={saved_base}")
+    rank0, rank1 = (load_file(tmp_path / "run" / f"params-{r}.safetensors") for r in (0, 1))
+    alone = load_file(single / "params-0.safetensors")
+    assert rank0.keys() == rank1.keys() == alone.keys()
+    assert sum(".lora_A." in n or ".lora_B." in n for n in rank0) == 3 * 2 * 2 and len(rank0) == 12 + 12
+    for name in rank0:
+        assert torch.equal(rank0[name], rank1[name]), name
+        torch.testing.assert_close(rank0[name], alone[name], rtol=1e-4, atol=1e-5)
+    losses, single_losses = (json.loads((d / "losses-0.json").read_text()) for d in (tmp_path / "run", single))
+    torch.testing.assert_close(torch.tensor(losses), torch.tensor(single_losses), rtol=1e-5, atol=1e-5)
+    loaded = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(saved_base), tmp_path / "run" / "adapter")
+    reloaded = {name: param for name, param in loaded.named_parameters() if name in rank0}
+    assert reloaded.keys() == rank0.keys()
+    for name, param in reloaded.items():
+        assert torch.equal(param, rank0[name]), name
+
+
+@pytest.mark.slow
 @pytest.mark.parametrize("options", ["zero2", "zero3", "zero3 init gc", "zero3 offload"])
 def test_deepspeed_zero_matches_single_process(tmp_path, saved_base, single_run, options):
     """ZeRO-2/3 through the HF Trainer (TrainingArguments(deepspeed=...)), 2 CPU processes, global batch 4 = the

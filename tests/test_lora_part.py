@@ -146,14 +146,15 @@ def test_save_and_load_round_trip(tmp_path):
     assert stored["peft_type"] == "REFT" and stored["lora_config"]["peft_type"] == "LORA"
     assert stored["lora_config"]["use_dora"] is True and isinstance(stored["lora_config"]["target_modules"], list)
 
-    loaded = PeftModel.from_pretrained(tiny_model(), tmp_path)
-    assert isinstance(loaded.peft_config["default"].lora_config, LoraConfig)
-    for key, value in loaded.state_dict().items():
-        if key in model.state_dict():
+    for low_cpu_mem_usage in (False, True):  # True: adapter layers created on the meta device, then assigned
+        loaded = PeftModel.from_pretrained(tiny_model(), tmp_path, low_cpu_mem_usage=low_cpu_mem_usage)
+        assert isinstance(loaded.peft_config["default"].lora_config, LoraConfig)
+        assert loaded.state_dict().keys() == model.state_dict().keys()
+        for key, value in loaded.state_dict().items():
             assert torch.equal(value, model.state_dict()[key]), key
-    assert not any(p.requires_grad for p in loaded.parameters())  # inference mode reaches the LoRA part
-    with torch.no_grad():
-        assert torch.equal(loaded(input_ids=ids, attention_mask=mask).logits, logits)
+        assert not any(p.requires_grad for p in loaded.parameters())  # inference mode reaches the LoRA part
+        with torch.no_grad():
+            assert torch.equal(loaded(input_ids=ids, attention_mask=mask).logits, logits)
     trainable = PeftModel.from_pretrained(tiny_model(), tmp_path, is_trainable=True)
     names = {n for n, p in trainable.named_parameters() if p.requires_grad}
     assert any(".lora_A." in n for n in names) and any(".reft_interventions." in n for n in names)

@@ -4,7 +4,8 @@ argv: <output_dir> <per_device_batch> <steps> [deepspeed options]. Writes per ra
 tensors, gathered under ZeRO-3) and `losses-<rank>.json`; the main process saves the adapter in `<output_dir>/adapter`.
 DeepSpeed options (TrainingArguments(deepspeed=...), as a user of the HF Trainer sets it): `zero2` or `zero3`, plus
 `init` (ZeRO-3 partitions the base model's weights from construction, zero3_init_flag), `gc` (gradient
-checkpointing), `offload` (ZeRO-3 parameter offload to the CPU), `base=<dir>` (load the base model saved there).
+checkpointing), `offload` (ZeRO-3 parameter offload to the CPU), `base=<dir>` (load the base model saved there);
+`lora` (with or without DeepSpeed) gives the ReFT adapter a LoRA part on q_proj and v_proj.
 """
 
 import json
@@ -14,6 +15,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 from datasets import Dataset
+from peft import LoraConfig
 from safetensors.torch import save_file
 from transformers import AutoModelForCausalLM, LlamaConfig
 from trl import SFTConfig, SFTTrainer
@@ -87,7 +89,9 @@ def main():
         model = tiny_model(base)
         partitioned = model.model.layers[0].self_attn.q_proj.weight
         assert partitioned.numel() == 0 and partitioned.ds_numel == 32 * 32  # ZeRO-3 partitioned it at construction
-    config = ReftConfig(layers=[0, 2], low_rank_dimension=4, positions="f7+l7")  # f7+l7 > most prompts: empty slots
+    lora = LoraConfig(r=2, target_modules=["q_proj", "v_proj"]) if "lora" in options else None  # ReFT + LoRA
+    # f7+l7 is longer than most prompts: empty slots
+    config = ReftConfig(layers=[0, 2], low_rank_dimension=4, positions="f7+l7", lora_config=lora)
     trainer = SFTTrainer(model=model, args=args, train_dataset=dataset(), processing_class=tokenizer,
                          peft_config=config)
     trainer.train()
