@@ -193,7 +193,13 @@ class ReftLayer(nn.Module, BaseTunerLayer):
         else:
             edits = self._edits_of_this_call()
         edits = {name: where for name, where in edits.items() if self.reft_component.get(name) == component}
-        return self._edit_output(output, edits) if edits else None
+        if not edits:
+            return None
+        # what the edit's backward needs (indices, the selected tokens) is kept, not left to a checkpoint to
+        # recompute: a non-reentrant checkpoint then stops its recomputation where it stops without ReFT, before the
+        # last matmul of the MLP (whose output only the edit would need), instead of running that matmul again
+        with torch.autograd.graph.saved_tensors_hooks(_kept, _kept):
+            return self._edit_output(output, edits)
 
     def _edit_output(self, output: Any, edits: dict[str, torch.Tensor]) -> Any:
         hidden = output[0] if isinstance(output, tuple) else output
@@ -256,6 +262,11 @@ def _recompute_with(positions: Optional[dict[str, torch.Tensor]], grad: torch.Te
     """Gradient hook on a layer's output: the backward pass is about to recompute that (checkpointed) layer, so its
     attention / MLP hooks get the positions of the forward call that produced the output."""
     _RECOMPUTE_POSITIONS.set(positions)
+
+
+def _kept(tensor: torch.Tensor) -> torch.Tensor:
+    """Saved-tensor hook that keeps a tensor as it is (and gives it back as it is)."""
+    return tensor
 
 
 def _token_index(index: torch.Tensor, width: int) -> torch.Tensor:

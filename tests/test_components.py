@@ -4,6 +4,7 @@ submodule (checked against the independent reference on several architectures), 
 
 import pytest
 import torch
+import torch.utils.checkpoint
 from conftest import padded_batch, tiny_config, tiny_model
 from peft import PeftModel, get_peft_model
 from reference import raw_params, reference_logits
@@ -76,6 +77,47 @@ def test_gradient_checkpointing_gives_the_same_loss_and_gradients(component, use
     for name, grad in grads.items():
         torch.testing.assert_close(grad, expected_grads[name], atol=1e-6, rtol=1e-5)
     assert max(g.abs().max() for g in grads.values()) > 0
+
+
+@pytest.mark.parametrize("component", ["attention_output", "mlp_output"])
+def test_checkpoint_recomputation_stops_where_it_stops_without_reft(component):
+    """A non-reentrant checkpoint stops recomputing a layer once it has what the layer's backward needs: for a
+    Llama layer, before the MLP's last matmul. The edit keeps its own saved tensors, so the recomputation of an edited
+    layer stops there too, instead of computing the MLP output again for the edit."""
+
+    def last_matmuls_recomputed(model, base):
+        base.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+        during_backward = []
+        handles = [layer.mlp.down_proj.register_forward_hook(
+            lambda *_: during_backward.append(torch._C._current_graph_task_id() != -1))
+            for layer in base.model.layers]
+        ids, mask, labels = _batch()
+        model(input_ids=ids, attention_mask=mask, labels=labels).loss.backward()
+        for handle in handles:
+            handle.remove()
+        assert during_backward.count(False) == 4  # every MLP ran in the forward pass
+        return during_backward.count(True)  # MLP outputs computed again in the backward pass
+
+    bare = tiny_model("llama").train()
+    bare.model.embed_tokens.weight.requires_grad_(True)
+    base = tiny_model("llama")
+    model = get_peft_model(base, _config(component)).train()
+    assert last_matmuls_recomputed(model, base) == last_matmuls_recomputed(bare, bare) == 0
+
+
+@pytest.mark.parametrize("component", ["attention_output", "mlp_output"])
+def test_checkpointing_without_early_stop_gives_the_same_gradients(component):
+    """With early stop off, the recomputation runs the whole layer, edit included: the gradients are unchanged."""
+    base = tiny_model("llama")
+    model = get_peft_model(base, _config(component)).train()
+    batches = [_batch("right"), _batch("left", prompt_length=2)]
+    expected_losses, expected_grads = _loss_and_grads(model, batches)
+    base.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+    with torch.utils.checkpoint.set_checkpoint_early_stop(False):
+        losses, grads = _loss_and_grads(model, batches)
+    assert losses == pytest.approx(expected_losses, abs=1e-6)
+    for name, grad in grads.items():
+        torch.testing.assert_close(grad, expected_grads[name], atol=1e-6, rtol=1e-5)
 
 
 def test_disabled_adapter_under_gradient_checkpointing_backpropagates_as_the_base_model():
