@@ -69,8 +69,8 @@ class ReftConfig(PeftConfig):
         lora_config (`peft.LoraConfig`, *optional*):
             A LoRA adapter that is part of this adapter (ReFT + LoRA in one model): its layers are injected under the
             same adapter name, trained, saved in the same files, loaded, enabled, disabled, switched and deleted with
-            the interventions. Its `target_modules` are matched by module name (e.g. `["q_proj", "v_proj"]`, or
-            `"all-linear"`, which becomes the short names of the model's linear layers, output head excluded). It may
+            the interventions. Its `target_modules` are matched against the model's own module names, whichever layers
+            ReFT wraps (e.g. `["q_proj", "v_proj"]`, or `"all-linear"`, resolved as LoRA resolves it). It may
             set `r`, `lora_alpha`, `lora_dropout`, `target_modules`, `exclude_modules`, `fan_in_fan_out`,
             `use_rslora`, `init_lora_weights` (True, False or "gaussian"), `layers_to_transform`, `layers_pattern`,
             `rank_pattern`, `alpha_pattern` and `use_dora`; heads and token embeddings to train belong in this
@@ -245,11 +245,10 @@ def checked_lora_part(lora_config) -> LoraConfig:
             f"set {', '.join(LORA_PART_FIELDS)}; put modules to train fully (`modules_to_save`) and token embeddings "
             "(`trainable_token_indices`) on the ReftConfig itself."
         )
-    if lora_config.init_lora_weights not in LORA_PART_INIT or isinstance(lora_config.init_lora_weights, int) and (
-        not isinstance(lora_config.init_lora_weights, bool)
-    ):
+    init = lora_config.init_lora_weights
+    if not (isinstance(init, bool) or init == "gaussian"):
         raise ValueError(
-            f"ReftConfig: lora_config.init_lora_weights={lora_config.init_lora_weights!r} is not supported with ReFT; "
+            f"ReftConfig: lora_config.init_lora_weights={init!r} is not supported with ReFT; "
             f"use one of {LORA_PART_INIT} (the others change the base weights or need data)."
         )
     return copy.deepcopy(lora_config)
