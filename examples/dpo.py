@@ -55,7 +55,7 @@ def main(script_args, training_args, model_args, reft_args):
     else:
         train_split = load_data(script_args.dataset_name, script_args.dataset_config)[script_args.dataset_train_split]
     trainer = DPOTrainer(model=model_name, args=training_args, train_dataset=train_split,
-                         peft_config=reft_args.to_config())
+                         peft_config=reft_args.to_config(model_args))
     train_save_and_finish(trainer, training_args)
 
 

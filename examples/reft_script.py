@@ -44,13 +44,18 @@ class ReftArguments:
         default=True, metadata={"help": "Identity at init (True) or random init as pyreft (False)."}
     )
 
-    def to_config(self) -> ReftConfig:
+    def to_config(self, model_args=None) -> ReftConfig:
+        """The `ReftConfig`; with TRL's `--use_peft` (in `model_args`), TRL's LoRA flags (`--lora_r`,
+        `--lora_target_modules`, ...) give it a LoRA part: ReFT + LoRA in one adapter."""
+        from trl import get_peft_config
+
         layers = "all" if self.reft_layers == "all" else [int(i) for i in self.reft_layers.split(",")]
         return ReftConfig(
             layers=layers, component=self.reft_component, low_rank_dimension=self.reft_rank,
             positions=self.reft_positions,
             intervention=self.reft_intervention, share_weights=self.reft_share_weights, dropout=self.reft_dropout,
             act_fn=self.reft_act_fn, init_weights=self.reft_init_weights,
+            lora_config=get_peft_config(model_args) if model_args is not None else None,
         )
 
 
@@ -118,11 +123,8 @@ def make_parser(script_args_cls, training_config_cls, device_defaults: Optional[
 
 def run_script(main, script_args_cls, training_config_cls) -> None:
     """Parse the command line as TRL's scripts do (plus the `--reft_*` flags) and call `main` with the four argument
-    groups; `--use_peft` (TRL's LoRA switch) is refused."""
+    groups. TRL's `--use_peft` and `--lora_*` flags add a LoRA part to the ReFT adapter (`ReftArguments.to_config`)."""
     import runtime
 
     parser = make_parser(script_args_cls, training_config_cls, runtime.setup())
-    script_args, training_args, model_args, reft_args = parser.parse_args_and_config()
-    if model_args.use_peft:
-        raise SystemExit("--use_peft builds a LoRA adapter; this script trains ReFT: use the --reft_* flags instead.")
-    main(script_args, training_args, model_args, reft_args)
+    main(*parser.parse_args_and_config())

@@ -51,7 +51,7 @@ def main(script_args, training_args, model_args, reft_args):
 
     trainer = SFTTrainer(
         model=model_name, args=training_args, train_dataset=train_split, eval_dataset=eval_split,
-        peft_config=reft_args.to_config(),
+        peft_config=reft_args.to_config(model_args),
     )
     train_save_and_finish(trainer, training_args)
 

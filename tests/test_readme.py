@@ -10,6 +10,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from safetensors.torch import load_file
 
 ROOT = Path(__file__).resolve().parents[1]
 DOCS = [ROOT / "README.md", ROOT / "examples" / "README.md"]
@@ -135,6 +136,12 @@ def test_readme_command_runs(command, tmp_path):
         output_dir = Path(tmp_path, argv[argv.index("--output_dir") + 1])
         config = json.loads((output_dir / "adapter_config.json").read_text())
         assert config["peft_type"] == "REFT" and (output_dir / "adapter_model.safetensors").exists()
+        if "--use_peft" in argv:  # TRL's LoRA flags give the ReFT adapter a LoRA part
+            lora = config["lora_config"]
+            assert lora["r"] == int(argv[argv.index("--lora_r") + 1]) and len(lora["target_modules"]) == 7, lora
+            assert any(".lora_A." in k for k in load_file(output_dir / "adapter_model.safetensors"))
+        else:
+            assert config["lora_config"] is None
     elif script == "examples/quickstart.py":
         assert "Emoji-only answers to 2 unseen prompts" in out and "trainable params: 18,448" in out
         assert "Tokens the interventions edit ([edited]), 6 of" in out  # f1+l5 with shared weights: one window kind
