@@ -33,7 +33,7 @@ import torch  # noqa: E402
 from classification import TEST_SUBJECTS, TRAIN_SUBJECTS, negation_sentiment  # noqa: E402
 from datasets import Dataset  # noqa: E402
 from peft import LoraConfig  # noqa: E402
-from quickstart import HELD_OUT, TRAIN_PAIRS, chat, folder_size, is_emoji_only  # noqa: E402
+from quickstart import HELD_OUT, TRAIN_PAIRS, answer, chat, folder_size, is_emoji_only  # noqa: E402
 from smollm2 import load_smollm2  # noqa: E402
 from trl import SFTConfig, SFTTrainer  # noqa: E402
 
@@ -73,16 +73,6 @@ def tasks(held_out: int) -> dict:
     }
 
 
-def answers(model, tokenizer, prompts, new_tokens):
-    tokenizer.padding_side = "left"
-    texts = [tokenizer.apply_chat_template(chat(p), tokenize=False, add_generation_prompt=True) for p in prompts]
-    batch = tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False).to(model.device)
-    model.eval()
-    with torch.no_grad():
-        out = model.generate(**batch, max_new_tokens=new_tokens, do_sample=False, pad_token_id=tokenizer.pad_token_id)
-    return tokenizer.batch_decode(out[:, batch["input_ids"].shape[1]:], skip_special_tokens=True)
-
-
 def resident_peak_kib(reset: bool = False) -> int:
     """The process's peak resident set (VmHWM); `reset` sets it to the current resident set first (Linux)."""
     status = Path("/proc/self/status")
@@ -113,7 +103,7 @@ def run(method, task, steps, output_dir, device_defaults, seed=0) -> dict:
     train_seconds = time.perf_counter() - start
     peak_mib = (resident_peak_kib() - before) / 1024
     trainer.save_model(str(output_dir))
-    got = answers(trainer.model, tokenizer, prompts, new_tokens)
+    got = answer(trainer.model, tokenizer, prompts, new_tokens)
     trainable, _ = trainer.model.get_nb_trainable_parameters()
     return {
         "method": method, "score": sum(score(a, r) for a, r in zip(got, references)) / len(prompts),

@@ -28,13 +28,7 @@ import runtime  # noqa: E402
 
 runtime.quiet_library_warnings()  # before peft/TRL import bitsandbytes, which logs a note about an optional kernel
 
-from reft_script import (  # noqa: E402
-    ReftArguments,  # noqa: F401  (re-exported: the --reft_* flags)
-    load_data,
-    model_name_and_init_kwargs,
-    run_script,
-    train_save_and_finish,
-)
+from reft_script import load_data, model_name_and_init_kwargs, run_script, train_save_and_finish  # noqa: E402
 
 
 def main(script_args, training_args, model_args, reft_args):

@@ -21,7 +21,6 @@ LORA_PART_FIELDS = (
     "r", "lora_alpha", "lora_dropout", "target_modules", "exclude_modules", "fan_in_fan_out", "use_rslora",
     "init_lora_weights", "layers_to_transform", "layers_pattern", "rank_pattern", "alpha_pattern", "use_dora",
 )
-LORA_PART_INIT = (True, False, "gaussian")  # the initialisations that leave the base weights untouched
 # what peft itself fills in on any config (bookkeeping, not a LoRA option)
 _CONFIG_BOOKKEEPING = ("peft_type", "task_type", "inference_mode", "base_model_name_or_path", "revision",
                        "auto_mapping", "peft_version", "runtime_config")
@@ -246,9 +245,9 @@ def checked_lora_part(lora_config) -> LoraConfig:
             "(`trainable_token_indices`) on the ReftConfig itself."
         )
     init = lora_config.init_lora_weights
-    if not (isinstance(init, bool) or init == "gaussian"):
+    if not (isinstance(init, bool) or init == "gaussian"):  # the initialisations that leave the base weights alone
         raise ValueError(
             f"ReftConfig: lora_config.init_lora_weights={init!r} is not supported with ReFT; "
-            f"use one of {LORA_PART_INIT} (the others change the base weights or need data)."
+            "use True, False or 'gaussian' (the others change the base weights or need data)."
         )
     return copy.deepcopy(lora_config)

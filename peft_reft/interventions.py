@@ -27,6 +27,8 @@ dtype for the edit, which runs in that dtype also inside an autocast region, and
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 from torch import nn
 from torch.nn import functional as F
@@ -100,14 +102,10 @@ class Intervention(nn.Module):
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
         """`dropout(edit(h))` in the dtype of `hidden`: what the intervention adds to the hidden states. The edit is
         computed in the parameters' dtype (float32 by default), also inside an autocast region."""
-        if torch.is_autocast_enabled(hidden.device.type):
-            with torch.autocast(hidden.device.type, enabled=False):
-                return self.dropout(self.edit(hidden.to(self.param_dtype))).to(hidden.dtype)
-        return self.dropout(self.edit(hidden.to(self.param_dtype))).to(hidden.dtype)
-
-    def delta(self, hidden: torch.Tensor) -> torch.Tensor:
-        """What the intervention adds to `hidden` (a module call: `self(hidden)`)."""
-        return self(hidden)
+        device = hidden.device.type
+        exact = torch.autocast(device, enabled=False) if torch.is_autocast_enabled(device) else contextlib.nullcontext()
+        with exact:
+            return self.dropout(self.edit(hidden.to(self.param_dtype))).to(hidden.dtype)
 
     def edited(self, hidden: torch.Tensor) -> torch.Tensor:
         """The edited hidden states, `h + dropout(edit(h))`."""

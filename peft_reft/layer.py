@@ -232,7 +232,7 @@ class ReftLayer(nn.Module, BaseTunerLayer):
                 selected = _GatherTokens.apply(hidden, index[:, group])
             else:
                 selected = hidden.gather(1, _token_index(index[:, group], hidden.shape[-1]))
-            deltas.append(torch.where(locations[:, group, :, None] >= 0, intervention.delta(selected), 0.0))
+            deltas.append(torch.where(locations[:, group, :, None] >= 0, intervention(selected), 0.0))
         delta = deltas[0] if len(deltas) == 1 else torch.cat(deltas, 1)
         if tracked:
             return _AddAtTokens.apply(hidden, index.flatten(1), delta)

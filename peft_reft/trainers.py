@@ -32,9 +32,10 @@ from typing import Any, Optional
 SUPPORTED = ("SFTTrainer", "DPOTrainer", "KTOTrainer", "GRPOTrainer", "RLOOTrainer", "RewardTrainer")
 # trainers that run the transformers model inside the PeftModel themselves: no positions reach the layers
 CALLS_THE_BACKBONE = ("DistillationTrainer",)
+SUPPORTED_LIST = "TRL trainers that train ReFT adapters with prompt positions: " + ", ".join(SUPPORTED) + "."
 WHAT_WORKS = (
-    "TRL trainers that train ReFT adapters with prompt positions: " + ", ".join(SUPPORTED) + ". Other trainers work "
-    "with ReftConfig(positions='all'), which edits every token and needs no prompt."
+    SUPPORTED_LIST + " Other trainers work with ReftConfig(positions='all'), which edits every token and needs no "
+    "prompt."
 )
 
 
@@ -91,7 +92,7 @@ def trainer_problem(trainer: Any, local_args: dict[str, Any], prompt_positions: 
     if name in CALLS_THE_BACKBONE:
         return (
             f"TRL's {name} runs the student's transformers backbone directly (inside the PeftModel), so the ReFT "
-            "layers never receive intervention positions. " + WHAT_WORKS.split(". ")[0] + "."
+            f"layers never receive intervention positions. {SUPPORTED_LIST}"
         )
     if name not in SUPPORTED:
         if not prompt_positions:

@@ -28,7 +28,7 @@ class EditedTokens:
             changed = difference.abs().amax(dim=-1) > 0
             per_group = []
             for intervention in self._interventions:
-                delta = intervention.delta(base).float()
+                delta = intervention(base).float()
                 explains = (difference - delta).abs().amax(dim=-1) <= 1e-4 * (1 + base.abs().amax(dim=-1).float())
                 per_group.append(changed & explains)
             assert not (changed & ~torch.stack(per_group).any(0)).any(), "an edit that no intervention explains"

@@ -51,13 +51,7 @@ def test_prompt_positions_are_edited_in_prefill_only(component):
     model = _model(component=component)
     seen = []
     layer = next(m for m in model.modules() if isinstance(m, ReftLayer))
-    original = layer.reft_interventions["default"][0].delta
-
-    def spy(hidden):
-        seen.append(tuple(hidden.shape))
-        return original(hidden)
-
-    layer.reft_interventions["default"][0].delta = spy
+    layer.reft_interventions["default"][0].register_forward_hook(lambda m, args, out: seen.append(args[0].shape))
     ids, mask = padded_batch([7, 5], side="left", seed=4)
     _greedy(model, ids, mask)
     assert seen == [(2, 2, 32)]  # one call, on the 2 first-window tokens of each prompt; none in the decode steps
@@ -67,8 +61,7 @@ def test_all_positions_edit_every_generated_token():
     model = _model("all")
     seen = []
     layer = next(m for m in model.modules() if isinstance(m, ReftLayer))
-    original = layer.reft_interventions["default"][0].delta
-    layer.reft_interventions["default"][0].delta = lambda h: (seen.append(h.shape[1]), original(h))[1]
+    layer.reft_interventions["default"][0].register_forward_hook(lambda m, args, out: seen.append(args[0].shape[1]))
     ids, mask = padded_batch([7], seed=4)
     _greedy(model, ids, mask)
     assert seen == [7] + [1] * (NEW - 1)

@@ -87,9 +87,9 @@ def test_interventions_compute_in_float32_under_autocast():
                                                                        init_weights=False))
     intervention = next(m for m in model.modules() if isinstance(m, ReftLayer)).reft_interventions["default"][0]
     hidden = torch.randn(2, 5, 32)
-    expected = intervention.delta(hidden)
+    expected = intervention(hidden)
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        inside = intervention.delta(hidden)
+        inside = intervention(hidden)
     assert inside.dtype == torch.float32 and torch.equal(inside, expected)
 
 
