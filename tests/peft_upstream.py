@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import importlib
 import os
+import shutil
 import subprocess
 import sys
 import tarfile
@@ -51,7 +52,7 @@ def fetch(peft_version: str) -> Path:
         (staging / "__init__.py").write_text(f'"""peft {peft_version}: tests/{{{", ".join(HARNESS_FILES)}}}."""\n')
         package.parent.mkdir(parents=True, exist_ok=True)
         if not package.exists():  # another process may have fetched it meanwhile
-            staging.rename(package)
+            shutil.move(staging, package)  # /tmp and the cache may be on different file systems
     return package
 
 
