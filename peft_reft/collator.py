@@ -4,11 +4,8 @@ from __future__ import annotations
 
 from typing import Any, Callable, Optional
 
-from peft.utils import TaskType
-
 from .config import ReftConfig
-from .model import INTERVENTION_LOCATIONS
-from .positions import intervention_group_map, locations_from_group_map
+from .positions import INTERVENTION_LOCATIONS, adapter_group_map, locations_from_group_map
 
 
 class ReftDataCollator:
@@ -59,9 +56,7 @@ class ReftDataCollator:
     def __call__(self, examples: list[dict[str, Any]]) -> dict[str, Any]:
         batch = self.collator(examples)
         config = self.reft_config
-        classification = config.task_type == TaskType.SEQ_CLS
-        group_map = intervention_group_map(config.position_spec, config.share_weights, batch, classification,
-                                           head_pad_token_id=self.head_pad_token_id if classification else None)
+        group_map = adapter_group_map(config, batch, self.head_pad_token_id)
         locations = locations_from_group_map(group_map, config.num_groups)
         batch[INTERVENTION_LOCATIONS] = locations[:, 0] if config.num_groups == 1 else locations
         return batch

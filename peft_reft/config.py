@@ -11,11 +11,11 @@ from peft import LoraConfig
 from peft.config import PeftConfig
 from peft.utils import PeftType, TaskType
 
+from .architecture import COMPONENTS
 from .interventions import INTERVENTIONS, identity_init_problem
 from .positions import PositionSpec, parse_positions
 
 SUPPORTED_TASK_TYPES = (TaskType.CAUSAL_LM, TaskType.SEQ_CLS)
-COMPONENTS = ("block_output", "mlp_output", "attention_output")
 # LoraConfig fields the LoRA part of a ReFT adapter may set; the others must keep LoRA's defaults (see `lora_config`)
 LORA_PART_FIELDS = (
     "r", "lora_alpha", "lora_dropout", "target_modules", "exclude_modules", "fan_in_fan_out", "use_rslora",
@@ -40,8 +40,8 @@ class ReftConfig(PeftConfig):
         component (`str`):
             Which representation to edit. `"block_output"` (default): the residual stream leaving the layer.
             `"attention_output"` / `"mlp_output"`: the output of the layer's attention / MLP submodule, i.e. the
-            branch added to the residual stream (found by name: `self_attn`, `attn`, `attention`, `self_attention` /
-            `mlp`, `feed_forward`, `ffn`). Works with gradient checkpointing.
+            branch added to the residual stream (found by the names in
+            `peft_reft.architecture.COMPONENT_SUBMODULES`). Works with gradient checkpointing.
         low_rank_dimension (`int`):
             The rank r of each intervention, 1 <= r <= hidden size.
         intervention (`str`):
@@ -85,7 +85,7 @@ class ReftConfig(PeftConfig):
         default="all",
         metadata={"help": "Layer indices to intervene on (int, list of ints, or 'all')."},
     )
-    component: Literal["block_output", "mlp_output", "attention_output"] = field(
+    component: Literal[COMPONENTS] = field(
         default="block_output",
         metadata={
             "help": "Representation to edit: 'block_output' (the residual stream after the layer), "
@@ -211,6 +211,18 @@ class ReftConfig(PeftConfig):
     def num_groups(self) -> int:
         """Interventions per layer (2 for untied 'fN+lM', else 1)."""
         return self.position_spec.num_groups(self.share_weights)
+
+    @property
+    def classification(self) -> bool:
+        """Sequence classification (`task_type="SEQ_CLS"`): labels are classes, not token labels, and positions are
+        taken from the whole attended input."""
+        return self.task_type == TaskType.SEQ_CLS
+
+    @property
+    def edits_prompt(self) -> bool:
+        """Whether the positions are prompt windows (`fN` / `lM`) of a causal LM: every forward pass must then tell
+        the prompt from the completion (labels, explicit locations, or a whole-prompt inference call)."""
+        return not self.position_spec.all and self.task_type == TaskType.CAUSAL_LM
 
 
 def checked_lora_part(lora_config) -> LoraConfig:

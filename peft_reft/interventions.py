@@ -49,9 +49,14 @@ def orthonormal_rows(weight: torch.Tensor) -> torch.Tensor:
     return (q * signs).transpose(0, 1).to(dtype)
 
 
+def is_identity(act_fn: str | None) -> bool:
+    """Whether the activation key `act_fn` is the identity (`None`, or ACT2FN's `"linear"`)."""
+    return act_fn in (None, "linear")
+
+
 def activation(act_fn: str | None) -> nn.Module:
     """The activation module for a `transformers` ACT2FN key; `None` means the identity."""
-    return nn.Identity() if act_fn in (None, "linear") else ACT2FN[act_fn]
+    return nn.Identity() if is_identity(act_fn) else ACT2FN[act_fn]
 
 
 class OrthonormalRotation(nn.Module):
@@ -232,9 +237,9 @@ def identity_init_problem(intervention: str, act_fn: str | None) -> str | None:
     """Why `init_weights=True` cannot make this intervention the identity, or None if it can."""
     if intervention == "consreft":
         return "ConsReFT, h + R^T(b - Rh), equals h for every h only if R = 0, which is not orthonormal"
-    if intervention == "loreft" and act_fn not in (None, "linear"):
+    if intervention == "loreft" and not is_identity(act_fn):
         return f"LoReFT with act_fn={act_fn!r} cannot satisfy act(Wh + b) = Rh for every h"
-    if intervention == "direft" and act_fn not in (None, "linear"):
+    if intervention == "direft" and not is_identity(act_fn):
         act_at_zero = activation(act_fn)(torch.zeros(1)).item()
         if act_at_zero != 0.0:
             return f"DiReFT with act_fn={act_fn!r} has act(0) = {act_at_zero:g}, not 0"

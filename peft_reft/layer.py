@@ -18,6 +18,7 @@ import torch
 from peft.tuners.tuners_utils import BaseTunerLayer
 from torch import nn
 
+from .architecture import component_module
 from .config import ReftConfig
 from .interventions import build_intervention
 
@@ -64,29 +65,6 @@ def replace_call_positions(positions: dict[str, torch.Tensor]) -> None:
 
 def _inside_backward() -> bool:
     return torch._C._current_graph_task_id() != -1
-
-
-# the submodule of a transformer layer whose output each component names, looked up by attribute name
-COMPONENT_SUBMODULES = {
-    "attention_output": ("self_attn", "attn", "attention", "self_attention"),
-    "mlp_output": ("mlp", "feed_forward", "ffn"),
-}
-
-
-def component_module(layer: nn.Module, component: str) -> nn.Module:
-    """The module of `layer` whose output `component` edits: the layer itself for `"block_output"`, else its attention
-    or MLP submodule (found by name, see `COMPONENT_SUBMODULES`)."""
-    if component == "block_output":
-        return layer
-    for name in COMPONENT_SUBMODULES[component]:
-        child = layer._modules.get(name)
-        if child is not None:
-            return child
-    raise ValueError(
-        f"component={component!r} is not available for {type(layer).__name__}: it has no submodule named "
-        f"{' / '.join(COMPONENT_SUBMODULES[component])} (its submodules: {list(layer._modules)}). "
-        "Use component='block_output'."
-    )
 
 
 class ReftLayer(nn.Module, BaseTunerLayer):

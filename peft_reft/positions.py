@@ -30,11 +30,12 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
-from typing import Any, Mapping
+from typing import Any, Mapping, Optional
 
 import torch
 
 IGNORE_INDEX = -100
+INTERVENTION_LOCATIONS = "intervention_locations"  # the batch key of explicit positions
 _WINDOW = re.compile(r"^(?:([fl])(\d+))(?:\+([fl])(\d+))?$")
 MAX_WINDOW = 1_000_000  # tokens in one window: longer than any context
 
@@ -147,6 +148,24 @@ def group_map_from_locations(locations: torch.Tensor, num_groups: int, batch_siz
     return group_map[:, :seq_len]
 
 
+def batch_tokens(batch: Mapping[str, Any]) -> torch.Tensor:
+    """The tensor whose first two dimensions are the batch's `[batch, seq_len]`: `input_ids`, else `inputs_embeds`."""
+    tokens = batch.get("input_ids")
+    if tokens is None:
+        tokens = batch.get("inputs_embeds")
+    if tokens is None:
+        raise ValueError("ReFT needs `input_ids` or `inputs_embeds` to place its interventions.")
+    return tokens
+
+
+def expand_rows(per_example: torch.Tensor, rows: int) -> torch.Tensor:
+    """`per_example` (one entry per example along dim 0) repeated for a batch of `rows` rows, as beam search and
+    `num_return_sequences` expand a batch (each example's copies next to each other)."""
+    return per_example if per_example.shape[0] == rows else per_example.repeat_interleave(
+        rows // per_example.shape[0], dim=0
+    )
+
+
 def _reject_packed_rows(batch: Mapping[str, Any]) -> None:
     if batch.get("attention_mask") is not None:
         return
@@ -178,13 +197,9 @@ def intervention_group_map(
     decoder classifier (`head_pad_token_id` given) ends at the token its head reads, the rightmost token of
     `input_ids` that is not `head_pad_token_id` (transformers' rule; with pad == eos a trailing eos is not read).
     """
-    reference = batch.get("input_ids")
-    if reference is None:
-        reference = batch.get("inputs_embeds")
-    if reference is None:
-        raise ValueError("ReFT needs `input_ids` or `inputs_embeds` to place its interventions.")
+    reference = batch_tokens(batch)
     batch_size, seq_len = reference.shape[:2]
-    locations = batch.get("intervention_locations")
+    locations = batch.get(INTERVENTION_LOCATIONS)
     if locations is not None:
         return group_map_from_locations(locations, spec.num_groups(share_weights), batch_size, seq_len)
     attention_mask = batch.get("attention_mask")
@@ -240,3 +255,43 @@ def locations_from_group_map(group_map: torch.Tensor, num_groups: int, width: in
         order = torch.where(group_map == group, index, index + seq_len).sort(dim=1).values[:, :width]
         per_group.append(torch.where(order < seq_len, order, -1))
     return torch.stack(per_group, dim=1)
+
+
+def adapter_group_map(config: Any, batch: Mapping[str, Any], head_pad_token_id: int | None = None) -> torch.Tensor:
+    """The group map `[B, L]` of a batch for one adapter's config (a `ReftConfig`: its `position_spec`,
+    `share_weights` and `classification`); `head_pad_token_id` as in `intervention_group_map`."""
+    classification = config.classification
+    return intervention_group_map(config.position_spec, config.share_weights, batch, classification,
+                                  head_pad_token_id=head_pad_token_id if classification else None)
+
+
+def adapter_positions(
+    configs: Mapping[str, Any],
+    batch: Mapping[str, Any],
+    rows_of: Optional[Mapping[str, torch.Tensor]] = None,
+    head_pad_token_id: int | None = None,
+) -> dict[str, torch.Tensor]:
+    """Per adapter (name -> `ReftConfig`), the token indices `[B, groups, P]` (-1 = empty) its interventions edit in
+    this batch: what the model hands to its ReFT layers for one call.
+
+    P is fixed by the config (e.g. N + M for shared `fN+lM`) or by the width of explicit locations, so nothing is
+    read back from the device. Adapters with the same position rule share one group map. `rows_of` (a mixed-adapter
+    batch): per adapter, a bool tensor with one entry per example, true where the example uses that adapter; the
+    rows of the other examples edit nothing.
+    """
+    explicit = batch.get(INTERVENTION_LOCATIONS)
+    group_maps, positions = {}, {}
+    for name, config in configs.items():
+        rule = (config.positions, config.share_weights, config.classification)
+        if rule not in group_maps:
+            group_maps[rule] = adapter_group_map(config, batch, head_pad_token_id)
+        group_map = group_maps[rule]
+        widths = positions_per_group(config.position_spec, config.share_weights, group_map.shape[1])
+        width = max(widths) if explicit is None else explicit.shape[-1]
+        locations = locations_from_group_map(group_map, config.num_groups, width)
+        if rows_of is not None:
+            rows = expand_rows(rows_of[name].to(locations.device), locations.shape[0])
+            locations = torch.where(rows[:, None, None], locations, -1)
+        positions[name] = locations
+    return positions
+

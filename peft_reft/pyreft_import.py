@@ -17,7 +17,8 @@ from pathlib import Path
 
 import torch
 
-from .config import COMPONENTS, ReftConfig
+from .architecture import COMPONENTS, checked_layer_indices, hidden_size_of
+from .config import ReftConfig
 from .layer import ReftLayer
 
 _KEY = re.compile(r"^intkey_layer_(\d+)_comp_(\w+?)_unit_pos_nunit_\d+#(\d+)\.bin$")
@@ -42,16 +43,13 @@ def read_pyreft_interventions(path: str | Path) -> tuple[str, dict[tuple[int, in
     return components.pop(), interventions
 
 
-def _check_checkpoint(interventions: dict[tuple[int, int], dict[str, torch.Tensor]], hidden_size: int,
-                      num_layers: int) -> tuple[list[int], int, int]:
+def _check_checkpoint(interventions: dict[tuple[int, int], dict[str, torch.Tensor]],
+                      model) -> tuple[list[int], int, int]:
     """Validate every tensor of a pyreft LoReFT checkpoint against the model before anything is built; return the
     layers, the rank and the number of interventions per layer."""
     layers = sorted({layer for layer, _ in interventions})
-    out_of_range = [layer for layer in layers if not 0 <= layer < num_layers]
-    if out_of_range:
-        raise ValueError(
-            f"The checkpoint edits layer(s) {out_of_range}; the model has {num_layers} (0..{num_layers - 1})."
-        )
+    checked_layer_indices(model, layers, f"The checkpoint's layer list {layers}")
+    hidden_size = hidden_size_of(model)
     per_layer = {layer: sorted(k for lay, k in interventions if lay == layer) for layer in layers}
     groups = {tuple(ks) for ks in per_layer.values()}
     if len(groups) != 1 or groups.pop() not in ((0,), (0, 1)):
@@ -96,11 +94,8 @@ def from_pyreft(base_model, path: str | Path, positions: str, adapter_name: str 
     """
     from peft import get_peft_model
 
-    from .model import find_layer_stack, hidden_size_of
-
     component, interventions = read_pyreft_interventions(path)
-    layers, rank, num_groups = _check_checkpoint(interventions, hidden_size_of(base_model),
-                                                 len(find_layer_stack(base_model)[1]))
+    layers, rank, num_groups = _check_checkpoint(interventions, base_model)
     config = ReftConfig(layers=layers, low_rank_dimension=rank, positions=positions, intervention="loreft",
                         share_weights=num_groups == 1, init_weights=False, component=component)
     if config.num_groups != num_groups:

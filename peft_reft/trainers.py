@@ -19,9 +19,12 @@ in what they pass to the model:
 Any trainer whose DeepSpeed configuration offloads to NVMe without the libaio library DeepSpeed needs for it is
 refused too.
 
-The check runs when the trainer wraps the model (`get_peft_model` inside the trainer's `__init__`): the trainer and
-its arguments are found on the call stack. Trainers from other libraries are not checked here; their forward passes
-are checked one by one (a training forward without labels or locations is an error).
+The check runs when the trainer is built: every TRL trainer ends its `__init__` with `model.add_model_tags(...)`,
+which `ReftModel` answers by finding the trainer on the call stack (the first argument of a calling method that is a
+`transformers.Trainer`) and reading its configuration from the finished trainer (`args`, `data_collator`,
+`compute_loss_func`), whether the trainer wrapped the model (`peft_config=...`) or was given a `PeftModel`. Trainers
+from other libraries are not checked here; their forward passes are checked one by one (a training forward without
+labels or locations is an error).
 """
 
 from __future__ import annotations
@@ -47,26 +50,37 @@ def _trl_trainer_name(trainer: Any) -> Optional[str]:
     return None
 
 
-def calling_trainer(max_depth: int = 40) -> tuple[Any, dict[str, Any]]:
-    """The `transformers.Trainer` whose `__init__` (or method) is on the call stack, and that frame's locals; or
-    (None, {}) when the model is not being wrapped by a trainer."""
+def calling_trainer(max_depth: int = 60) -> Any:
+    """The `transformers.Trainer` one of whose methods is on the call stack (the nearest), or None.
+
+    A frame belongs to a trainer's method when its first argument is a Trainer; only the position of that argument
+    is read, never a local variable by name, so helper methods, subclasses passing `**kwargs` and renamed variables
+    do not change the answer.
+    """
     trainer_cls = getattr(sys.modules.get("transformers"), "Trainer", None)
     frame = sys._getframe(1)
     for _ in range(max_depth):
         if frame is None or trainer_cls is None:
             break
-        candidate = frame.f_locals.get("self")
-        if isinstance(candidate, trainer_cls):
-            return candidate, dict(frame.f_locals)
+        code = frame.f_code
+        if code.co_argcount:
+            first = frame.f_locals.get(code.co_varnames[0])
+            if isinstance(first, trainer_cls):
+                return first
         frame = frame.f_back
-    return None, {}
+    return None
 
 
-def deepspeed_problem(args: Any) -> Optional[str]:
-    """Why the DeepSpeed configuration of these TrainingArguments cannot run here, or None: NVMe offload needs the
-    `async_io` op, which needs libaio."""
-    config = getattr(getattr(args, "hf_deepspeed_config", None), "config", None) or {}
-    zero = config.get("zero_optimization", {})
+def deepspeed_problem(args: Any = None) -> Optional[str]:
+    """Why a DeepSpeed configuration cannot run here, or None: NVMe offload needs the `async_io` op, which needs libaio.
+
+    Reads the configuration of `args` (TrainingArguments), else the process-wide one that TrainingArguments with
+    `deepspeed=...` sets, so the check also runs where a model is wrapped before any trainer exists."""
+    config = getattr(getattr(args, "hf_deepspeed_config", None), "config", None)
+    if config is None:
+        integration = sys.modules.get("transformers.integrations.deepspeed")
+        config = integration.deepspeed_config() if integration is not None else None
+    zero = (config or {}).get("zero_optimization", {})
     nvme = [key for key in ("offload_param", "offload_optimizer") if (zero.get(key) or {}).get("device") == "nvme"]
     if not nvme:
         return None
@@ -81,9 +95,11 @@ def deepspeed_problem(args: Any) -> Optional[str]:
     )
 
 
-def trainer_problem(trainer: Any, local_args: dict[str, Any], prompt_positions: bool) -> Optional[str]:
-    """Why `trainer` (being constructed with the arguments `local_args`) cannot train a ReFT adapter, or None."""
-    problem = deepspeed_problem(local_args.get("args", getattr(trainer, "args", None)))
+def trainer_problem(trainer: Any, prompt_positions: bool) -> Optional[str]:
+    """Why `trainer` (a built trainer: its `args`, `data_collator` and `compute_loss_func` are read) cannot train a
+    ReFT adapter, or None. `prompt_positions`: an adapter of the model edits prompt windows (`fN` / `lM`)."""
+    args = getattr(trainer, "args", None)
+    problem = deepspeed_problem(args)
     if problem:
         return problem
     name = _trl_trainer_name(trainer)
@@ -101,7 +117,6 @@ def trainer_problem(trainer: Any, local_args: dict[str, Any], prompt_positions: 
             f"TRL's {name} calls the model without labels that mark the prompt, so ReFT cannot place prompt "
             f"positions ('fN' / 'lM') on the right tokens. {WHAT_WORKS}"
         )
-    args = local_args.get("args")
     if name in ("GRPOTrainer", "RLOOTrainer") and getattr(args, "use_vllm", False):
         return (
             f"TRL's {name} with use_vllm=True generates the completions with vLLM, which runs the base model without "
@@ -111,11 +126,9 @@ def trainer_problem(trainer: Any, local_args: dict[str, Any], prompt_positions: 
     if name == "SFTTrainer" and prompt_positions:
         from .collator import ReftDataCollator
 
-        collator = local_args.get("data_collator")
         smoothing = getattr(args, "label_smoothing_factor", 0) or 0
-        if (smoothing > 0 or local_args.get("compute_loss_func") is not None) and not isinstance(
-            collator, ReftDataCollator
-        ):
+        outside = smoothing > 0 or getattr(trainer, "compute_loss_func", None) is not None
+        if outside and not isinstance(getattr(trainer, "data_collator", None), ReftDataCollator):
             reason = f"label_smoothing_factor={smoothing}" if smoothing > 0 else "a compute_loss_func"
             return (
                 f"TRL's SFTTrainer with {reason} computes the loss outside the model and calls it without labels, so "

@@ -346,7 +346,7 @@ def test_encoder_decoder_models_are_refused_up_front(arch):
 
 
 def test_several_equally_likely_layer_stacks_are_not_picked_silently():
-    from peft_reft.model import find_layer_stack
+    from peft_reft.architecture import find_layer_stack
 
     class TwoStacks(torch.nn.Module):
         def __init__(self):

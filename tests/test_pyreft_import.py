@@ -113,7 +113,8 @@ def test_checkpoints_that_do_not_fit_the_model_are_refused(tmp_path):
     with pytest.raises(ValueError, match=r"`rotate_layer` has shape \[64, 3\] .*\[32, 3\] \(hidden size 32 of the "):
         from_pyreft(tiny_model(), tmp_path / "wide", positions="l1")
     write_pyreft_checkpoint(tmp_path / "deep", layers=[9], groups=1)
-    with pytest.raises(ValueError, match=r"edits layer\(s\) \[9\]; the model has 4 \(0..3\)"):
+    with pytest.raises(ValueError, match=r"The checkpoint's layer list \[9\] has index\(es\) \[9\] out of range: "
+                                         r"LlamaForCausalLM has 4 layers \(valid indices 0..3\)"):
         from_pyreft(tiny_model(), tmp_path / "deep", positions="l1")
     write_pyreft_checkpoint(tmp_path / "ranks", layers=[0], groups=1, rank=3)
     write_pyreft_checkpoint(tmp_path / "ranks", layers=[1], groups=1, rank=2)

@@ -15,7 +15,7 @@ from test_trl import PAIRS, tiny_model, tokenizer  # noqa: F401  (tokenizer: fix
 from transformers import AutoModelForSequenceClassification, LlamaConfig
 
 from peft_reft import ReftConfig, ReftDataCollator
-from peft_reft.trainers import trainer_problem
+from peft_reft.trainers import deepspeed_problem, trainer_problem
 
 COMMON = dict(max_steps=3, per_device_train_batch_size=4, learning_rate=1e-2, logging_steps=1, use_cpu=True,
               bf16=False, report_to=[], save_strategy="no", seed=0)
@@ -94,7 +94,17 @@ def test_online_trainers_edit_the_prompt_in_generation_and_in_the_loss(tokenizer
         peft_config=config(),
     )
     spy = run(trainer)
-    assert set(spy.edited()) == prompt_windows(tokenizer)
+    windows = prompt_windows(tokenizer)
+    generated = [p for p in spy.passes if p.generation is not None]
+    prefills = [p for p in generated if p.step == 0]
+    decode_steps = [p for p in generated if p.step > 0]
+    assert prefills and decode_steps
+    for prefill in prefills:  # every prompt of every generate call is edited at its first and last token
+        assert all(record in windows for record in prefill.records), prefill.records
+    for step in decode_steps:  # decode steps cost what the base model costs: no edit
+        assert not any(any(record) for record in step.records)
+    losses = [p for p in spy.passes if p.generation is None]
+    assert {record for p in losses for record in p.records if any(record)} == windows
 
 
 def test_reward_trainer_edits_the_token_the_score_head_reads(tokenizer, tmp_path):  # noqa: F811
@@ -122,22 +132,6 @@ def test_reward_trainer_edits_the_token_the_score_head_reads(tokenizer, tmp_path
     assert [torch.nonzero(row >= 0).flatten().tolist() for row in group_map] == [[r] for r in read]
 
 
-def test_sft_label_smoothing_is_refused_up_front_and_trains_with_the_collator(tokenizer, tmp_path):  # noqa: F811
-    from trl import SFTConfig, SFTTrainer
-
-    data = Dataset.from_list([{"prompt": p, "completion": c} for p, c in PAIRS] * 2)
-    args = SFTConfig(output_dir=str(tmp_path), label_smoothing_factor=0.1, max_length=64, **COMMON)
-    with pytest.raises(ValueError, match=r"SFTTrainer with label_smoothing_factor=0.1 computes the loss outside the "
-                                         r"model .*ReftDataCollator"):
-        SFTTrainer(model=tiny_model(tokenizer), args=args, train_dataset=data, processing_class=tokenizer,
-                   peft_config=config())
-    reft_config = config()
-    trainer = SFTTrainer(model=tiny_model(tokenizer), args=args, train_dataset=data, processing_class=tokenizer,
-                         peft_config=reft_config,
-                         data_collator=ReftDataCollator(reft_config, pad_token_id=tokenizer.pad_token_id))
-    assert set(run(trainer).edited()) == prompt_windows(tokenizer)
-
-
 @pytest.mark.parametrize("name", ["ORPO", "CPO"])
 def test_trainers_without_prompt_labels_are_refused_up_front_and_train_with_all_positions(tokenizer, tmp_path,  # noqa: F811
                                                                                           name):
@@ -152,7 +146,12 @@ def test_trainers_without_prompt_labels_are_refused_up_front_and_train_with_all_
     trainer = trainer_cls(model=tiny_model(tokenizer), args=args, train_dataset=data, processing_class=tokenizer,
                           peft_config=config(positions="all"))
     spy = run(trainer)
-    assert all(len(record[0]) == len(indices[0]) > 0 for record, indices in zip(spy.edited(), spy.indices))
+    assert spy.passes
+    for forward in spy.passes:  # "all": exactly the attended tokens of every row
+        for row, indices in enumerate(forward.indices):
+            mask = forward.attention_mask
+            attended = range(len(forward.ids[row])) if mask is None else torch.nonzero(mask[row]).flatten().tolist()
+            assert indices[0] == tuple(attended)
 
 
 def test_distillation_trainer_is_refused_up_front(tokenizer, tmp_path):  # noqa: F811
@@ -178,8 +177,8 @@ def test_every_other_trl_trainer_is_refused_with_prompt_positions(path):
     module, name = path.rsplit(".", 1)
     trainer_cls = getattr(importlib.import_module(f"trl.experimental.{module}"), name)
     trainer = trainer_cls.__new__(trainer_cls)  # what the check looks at: the class, not a built trainer
-    assert f"TRL's {name} calls the model without labels" in trainer_problem(trainer, {}, prompt_positions=True)
-    assert trainer_problem(trainer, {}, prompt_positions=False) is None
+    assert f"TRL's {name} calls the model without labels" in trainer_problem(trainer, prompt_positions=True)
+    assert trainer_problem(trainer, prompt_positions=False) is None
 
 
 @pytest.mark.parametrize("name", ["GRPOTrainer", "RLOOTrainer"])
@@ -188,13 +187,15 @@ def test_vllm_generation_is_refused(name):
 
     trainer_cls = getattr(trl, name)
     trainer = trainer_cls.__new__(trainer_cls)
-    args = types.SimpleNamespace(use_vllm=True)
-    assert "use_vllm=True generates the completions with vLLM" in trainer_problem(trainer, {"args": args}, True)
-    assert trainer_problem(trainer, {"args": types.SimpleNamespace(use_vllm=False)}, True) is None
+    trainer.args = types.SimpleNamespace(use_vllm=True)
+    assert "use_vllm=True generates the completions with vLLM" in trainer_problem(trainer, True)
+    trainer.args = types.SimpleNamespace(use_vllm=False)
+    assert trainer_problem(trainer, True) is None
 
 
 def test_nvme_offload_without_libaio_is_refused_up_front(tokenizer, tmp_path):  # noqa: F811
     from deepspeed.ops.op_builder import AsyncIOBuilder
+    from peft import get_peft_model
     from transformers.integrations.deepspeed import unset_hf_deepspeed_config
     from trl import SFTConfig, SFTTrainer
 
@@ -206,10 +207,92 @@ def test_nvme_offload_without_libaio_is_refused_up_front(tokenizer, tmp_path):  
     try:
         data = Dataset.from_list([{"prompt": p, "completion": c} for p, c in PAIRS])
         if AsyncIOBuilder().is_compatible(verbose=False):  # a machine with libaio: the config is accepted
-            assert trainer_problem(types.SimpleNamespace(), {"args": args}, True) is None
+            assert trainer_problem(types.SimpleNamespace(args=args), True) is None and deepspeed_problem() is None
             return
-        with pytest.raises(ValueError, match=r"offloads to NVMe \(offload_optimizer device 'nvme'\), which needs "
-                                             r"DeepSpeed's async_io op and the libaio library"):
+        refusal = r"offloads to NVMe \(offload_optimizer device 'nvme'\), which needs DeepSpeed's async_io op and " \
+                  r"the libaio library"
+        with pytest.raises(ValueError, match=refusal):
             SFTTrainer(model=model, args=args, train_dataset=data, processing_class=tokenizer, peft_config=config())
+        with pytest.raises(ValueError, match=refusal):  # wrapped by hand once the arguments exist: refused as well
+            get_peft_model(tiny_model(tokenizer), config())
     finally:
         unset_hf_deepspeed_config()  # the DeepSpeed config of TrainingArguments is process-wide
+
+
+def _sft_subclasses():
+    from trl import SFTTrainer
+
+    class PassesKwargs(SFTTrainer):
+        def __init__(self, *positional, **options):
+            super().__init__(*positional, **options)
+
+    class WrapsInAHelper(SFTTrainer):
+        """Wraps the model itself, in a helper method whose locals have other names (and an `args` of its own)."""
+
+        def __init__(self, model, peft_config, **options):
+            super().__init__(model=self._adapted(model, peft_config, options["args"]), **options)
+
+        def _adapted(self, base, reft_config, args):
+            from peft import get_peft_model
+
+            return get_peft_model(base, reft_config)
+
+    return {"SFTTrainer": SFTTrainer, "passes **kwargs": PassesKwargs, "wraps in a helper": WrapsInAHelper}
+
+
+@pytest.mark.parametrize("case", ["SFTTrainer", "passes **kwargs", "wraps in a helper"])
+def test_sft_label_smoothing_is_refused_up_front_and_trains_with_the_collator(tokenizer, tmp_path, case):  # noqa: F811
+    """Also for subclasses: the check reads the built trainer, not the local variables of the code that built it."""
+    from trl import SFTConfig
+
+    trainer_cls = _sft_subclasses()[case]
+    data = Dataset.from_list([{"prompt": p, "completion": c} for p, c in PAIRS] * 2)
+    args = SFTConfig(output_dir=str(tmp_path), label_smoothing_factor=0.1, max_length=64, **COMMON)
+    with pytest.raises(ValueError, match=r"SFTTrainer with label_smoothing_factor=0.1 computes the loss outside the "
+                                         r"model .*ReftDataCollator"):
+        trainer_cls(model=tiny_model(tokenizer), args=args, train_dataset=data, processing_class=tokenizer,
+                    peft_config=config())
+    reft_config = config()
+    trainer = trainer_cls(model=tiny_model(tokenizer), args=args, train_dataset=data, processing_class=tokenizer,
+                          peft_config=reft_config,
+                          data_collator=ReftDataCollator(reft_config, pad_token_id=tokenizer.pad_token_id))
+    assert set(run(trainer).edited()) == prompt_windows(tokenizer)
+
+
+def test_a_model_wrapped_before_the_trainer_gets_the_same_refusals(tokenizer, tmp_path):  # noqa: F811
+    from peft import get_peft_model
+    from trl import GRPOConfig, GRPOTrainer, SFTConfig, SFTTrainer
+    from trl.trainer.distillation_config import DistillationConfig
+    from trl.trainer.distillation_trainer import DistillationTrainer
+
+    data = Dataset.from_list([{"prompt": p, "completion": c} for p, c in PAIRS] * 2)
+    args = SFTConfig(output_dir=str(tmp_path), label_smoothing_factor=0.1, max_length=64, **COMMON)
+    with pytest.raises(ValueError, match=r"SFTTrainer with label_smoothing_factor=0.1 computes the loss outside the "
+                                         r"model .*ReftDataCollator"):
+        SFTTrainer(model=get_peft_model(tiny_model(tokenizer), config()), args=args, train_dataset=data,
+                   processing_class=tokenizer)
+    reft_config = config()
+    trainer = SFTTrainer(model=get_peft_model(tiny_model(tokenizer), reft_config), args=args, train_dataset=data,
+                         processing_class=tokenizer,
+                         data_collator=ReftDataCollator(reft_config, pad_token_id=tokenizer.pad_token_id))
+    assert set(run(trainer).edited()) == prompt_windows(tokenizer)
+
+    prompts = Dataset.from_list([{"prompt": [{"role": "user", "content": p}]} for p, _ in PAIRS])
+    with pytest.raises(ValueError, match=r"TRL's DistillationTrainer runs the student's transformers backbone"):
+        DistillationTrainer(model=get_peft_model(tiny_model(tokenizer), config()),
+                            teacher_model=tiny_model(tokenizer, seed=1),
+                            args=DistillationConfig(output_dir=str(tmp_path), **COMMON), train_dataset=prompts,
+                            processing_class=tokenizer)
+
+    # GRPO with use_vllm=True cannot be built without vLLM installed: build it without, then let its own method ask
+    # again with the option set, as its __init__ does at its end
+    grpo = GRPOTrainer(model=get_peft_model(tiny_model(tokenizer), config()), reward_funcs=_length_reward,
+                       args=GRPOConfig(output_dir=str(tmp_path), num_generations=2, max_completion_length=4, **COMMON),
+                       train_dataset=Dataset.from_list([{"prompt": p} for p, _ in PAIRS]), processing_class=tokenizer)
+    grpo.args.use_vllm = True
+
+    def retag(trainer):  # the trainer is this frame's first argument, as in any of its methods
+        trainer.model.add_model_tags(trainer._tag_names)
+
+    with pytest.raises(ValueError, match=r"TRL's GRPOTrainer with use_vllm=True generates the completions with vLLM"):
+        retag(grpo)
