@@ -3,60 +3,55 @@ model (SmolLM2 by default), TRL's parser with the defaults of this device, and s
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+import dataclasses
+import typing
 from pathlib import Path
 from typing import Optional
 
 import peft_reft  # noqa: F401  (registers the REFT tuner type with peft)
 from peft_reft import ReftConfig
-from peft_reft.interventions import INTERVENTIONS
 
 LOCAL_FORMATS = {".json": "json", ".jsonl": "json", ".parquet": "parquet", ".csv": "csv", ".arrow": "arrow"}
+# ReftConfig field -> its command-line flag (`--reft_<field>`; the rank is `--reft_rank`)
+FLAGS = {
+    "layers": "reft_layers", "component": "reft_component", "low_rank_dimension": "reft_rank",
+    "positions": "reft_positions", "intervention": "reft_intervention", "share_weights": "reft_share_weights",
+    "dropout": "reft_dropout", "act_fn": "reft_act_fn", "init_weights": "reft_init_weights",
+}
 
 
-@dataclass
-class ReftArguments:
-    """The ReFT adapter: each field is `ReftConfig`'s field of the same name without the `reft_` prefix."""
+def _flag_fields() -> list[tuple]:
+    """The `--reft_*` flags: type, default and help of the ReftConfig field each stands for (`layers` is given as a
+    string, 'all' or comma-separated indices)."""
+    fields = {f.name: f for f in dataclasses.fields(ReftConfig)}
+    types = typing.get_type_hints(ReftConfig)
+    result = []
+    for name, flag in FLAGS.items():
+        source = fields[name]
+        kind, help_text = types[name], source.metadata["help"]
+        if name == "layers":
+            kind, help_text = str, help_text + " On the command line: 'all' or comma-separated indices, e.g. '4,10'."
+        result.append((flag, kind, dataclasses.field(default=source.default, metadata={"help": help_text})))
+    return result
 
-    reft_layers: str = field(
-        default="all",
-        metadata={"help": "Layers to intervene on: 'all' or comma-separated indices, e.g. '4,10'."},
-    )
-    reft_component: str = field(
-        default="block_output",
-        metadata={"help": "What to edit: 'block_output' (the residual stream), 'attention_output' or 'mlp_output'."},
-    )
-    reft_rank: int = field(default=8, metadata={"help": "Rank r of each intervention (low_rank_dimension)."})
-    reft_positions: str = field(
-        default="f7+l7", metadata={"help": "Positions: 'fN', 'lM', 'fN+lM' (first/last prompt tokens) or 'all'."}
-    )
-    reft_intervention: str = field(
-        default="loreft", metadata={"help": f"Intervention type: {', '.join(INTERVENTIONS)}."}
-    )
-    reft_share_weights: bool = field(
-        default=False, metadata={"help": "One intervention per layer for both windows of 'fN+lM'."}
-    )
-    reft_dropout: float = field(default=0.0, metadata={"help": "Dropout on the edit."})
-    reft_act_fn: Optional[str] = field(
-        default=None, metadata={"help": "Activation (ACT2FN key) of the learned source."}
-    )
-    reft_init_weights: bool = field(
-        default=True, metadata={"help": "Identity at init (True) or random init as pyreft (False)."}
-    )
 
-    def to_config(self, model_args=None) -> ReftConfig:
-        """The `ReftConfig`; with TRL's `--use_peft` (in `model_args`), TRL's LoRA flags (`--lora_r`,
-        `--lora_target_modules`, ...) give it a LoRA part: ReFT + LoRA in one adapter."""
-        from trl import get_peft_config
+def _to_config(self, model_args=None) -> ReftConfig:
+    """The `ReftConfig`; with TRL's `--use_peft` (in `model_args`), TRL's LoRA flags (`--lora_r`,
+    `--lora_target_modules`, ...) give it a LoRA part: ReFT + LoRA in one adapter."""
+    from trl import get_peft_config
 
-        layers = "all" if self.reft_layers == "all" else [int(i) for i in self.reft_layers.split(",")]
-        return ReftConfig(
-            layers=layers, component=self.reft_component, low_rank_dimension=self.reft_rank,
-            positions=self.reft_positions,
-            intervention=self.reft_intervention, share_weights=self.reft_share_weights, dropout=self.reft_dropout,
-            act_fn=self.reft_act_fn, init_weights=self.reft_init_weights,
-            lora_config=get_peft_config(model_args) if model_args is not None else None,
-        )
+    values = {name: getattr(self, flag) for name, flag in FLAGS.items()}
+    if values["layers"] != "all":
+        values["layers"] = [int(i) for i in values["layers"].split(",")]
+    return ReftConfig(**values, lora_config=get_peft_config(model_args) if model_args is not None else None)
+
+
+ReftArguments = dataclasses.make_dataclass(
+    "ReftArguments", _flag_fields(), namespace={
+        "to_config": _to_config,
+        "__doc__": "The ReFT adapter's flags, derived from ReftConfig's fields (see `FLAGS`).",
+    },
+)
 
 
 def load_data(name: str, config_name: Optional[str] = None):

@@ -1,14 +1,18 @@
 """peft's own generic tuner tests (`PeftCommonTester` in `tests/testing_common.py` of peft's source distribution),
-for the installed peft version, fetched from the package index at test time and cached; never copied here.
+for the installed peft version; never copied here.
 
-`testing_common()` returns the module. The first call downloads peft's sdist with pip (a few seconds) into
-`$PEFT_REFT_CACHE/peft-tests/` (default `~/.cache/peft-reft/peft-tests/`) and unpacks its two harness files as a small
-package; later calls import the cached copy. The harness imports `diffusers` for one isinstance check on Stable
-Diffusion pipelines; when diffusers is not installed, a stand-in class is registered for it.
+`make install` fetches them (`python tests/peft_upstream.py`): pip downloads peft's sdist, its sha256 is checked
+against `SDIST_SHA256` below (the sdists the suite has run with), and the two harness files are unpacked as a small
+package into `$PEFT_REFT_CACHE/peft-tests/` (default `~/.cache/peft-reft/peft-tests/`). `load()` imports the cached
+copy (fetching it first if it is missing) and never raises: without a package index, it returns pip's own message,
+which `tests/test_peft_common.py` reports as a failing test while the rest of the suite runs. The harness imports
+`diffusers` for one isinstance check on Stable Diffusion pipelines; when diffusers is not installed, a stand-in class
+is registered for it.
 """
 
 from __future__ import annotations
 
+import hashlib
 import importlib
 import os
 import shutil
@@ -19,8 +23,18 @@ import tempfile
 import types
 from importlib.metadata import version
 from pathlib import Path
+from typing import Optional
 
 HARNESS_FILES = ("testing_common.py", "testing_utils.py")
+# sha256 of peft's sdist (peft-<version>.tar.gz on PyPI) per version in pyproject's range; a new peft release gets its
+# line here when the suite has passed with it
+SDIST_SHA256 = {
+    "0.21.2": "b803ccfb3f3f316004d850284306687833a2235ea278fb56abc856203456142e",
+}
+
+
+class HarnessMissing(RuntimeError):
+    """peft's harness could not be fetched or verified; the message says why and what to do."""
 
 
 def _cache() -> Path:
@@ -32,17 +46,34 @@ def _package_name(peft_version: str) -> str:
 
 
 def fetch(peft_version: str) -> Path:
-    """The folder holding the cached harness package for `peft_version`, downloading it if needed."""
+    """The folder holding the cached harness package for `peft_version`, downloading and verifying it if needed."""
     package = _cache() / _package_name(peft_version)
     if all((package / name).exists() for name in HARNESS_FILES):
         return package
-    with tempfile.TemporaryDirectory() as tmp:
-        subprocess.run(
-            [sys.executable, "-m", "pip", "download", "--quiet", "--no-deps", "--no-binary", ":all:",
-             f"peft=={peft_version}", "-d", tmp],
-            check=True, capture_output=True, text=True,
+    expected = SDIST_SHA256.get(peft_version)
+    if expected is None:
+        raise HarnessMissing(
+            f"No sha256 of peft {peft_version}'s sdist is recorded in tests/peft_upstream.py (SDIST_SHA256), so its "
+            "test harness is not fetched. Install a peft version listed there, or add this one's sha256 after "
+            "checking the sdist."
         )
+    with tempfile.TemporaryDirectory() as tmp:
+        download = subprocess.run(
+            [sys.executable, "-m", "pip", "download", "--quiet", "--no-deps", "--no-binary", ":all:", "--retries", "1",
+             "--timeout", "15", f"peft=={peft_version}", "-d", tmp],
+            capture_output=True, text=True,
+        )
+        if download.returncode != 0:
+            raise HarnessMissing(
+                f"pip could not download peft {peft_version}'s sdist, which holds peft's test harness (run "
+                f"`make install` where the package index is reachable). pip said:\n{download.stderr.strip()}"
+            )
         archive = next(Path(tmp).glob("peft-*.tar.gz"))
+        digest = hashlib.sha256(archive.read_bytes()).hexdigest()
+        if digest != expected:
+            raise HarnessMissing(
+                f"peft {peft_version}'s sdist has sha256 {digest}, not the recorded {expected}: not used."
+            )
         staging = Path(tmp) / "package"
         staging.mkdir()
         with tarfile.open(archive) as sdist:
@@ -56,9 +87,12 @@ def fetch(peft_version: str) -> Path:
     return package
 
 
-def testing_common() -> types.ModuleType:
-    """peft's `tests/testing_common.py` for the installed peft."""
-    package = fetch(version("peft"))
+def load() -> tuple[Optional[types.ModuleType], Optional[str]]:
+    """(peft's `tests/testing_common.py` for the installed peft, None), or (None, why it is missing)."""
+    try:
+        package = fetch(version("peft"))
+    except HarnessMissing as error:
+        return None, str(error)
     try:
         import diffusers  # noqa: F401
     except ImportError:
@@ -66,4 +100,12 @@ def testing_common() -> types.ModuleType:
         stand_in.StableDiffusionPipeline = type("StableDiffusionPipeline", (), {})
         sys.modules["diffusers"] = stand_in
     sys.path.insert(0, str(package.parent))
-    return importlib.import_module(f"{package.name}.testing_common")
+    return importlib.import_module(f"{package.name}.testing_common"), None
+
+
+if __name__ == "__main__":  # `make install`: fetch the harness for the installed peft
+    try:
+        print(f"peft's test harness: {fetch(version('peft'))}")
+    except HarnessMissing as error:
+        print(f"peft's test harness is missing: {error}", file=sys.stderr)
+        sys.exit(1)
