@@ -138,8 +138,15 @@ def test_save_and_load_round_trip(tmp_path):
         logits = model(input_ids=ids, attention_mask=mask).logits
     model.save_pretrained(tmp_path)
     saved = load_file(tmp_path / "adapter_model.safetensors")
-    expected_keys = {k.replace(".default", "").replace(".base_layer.", ".") for k, p in model.named_parameters()
-                     if p.requires_grad}
+    # written out from the bare model: every linear layer but the head gets A, B and DoRA's magnitude, under its own
+    # module path; each wrapped layer (1, 2) its two interventions' tensors
+    linear = [name for name, module in tiny_model().named_modules()
+              if isinstance(module, torch.nn.Linear) and name != "lm_head"]
+    expected_keys = {f"base_model.model.{name}.{part}.weight" for name in linear
+                     for part in ("lora_A", "lora_B", "lora_magnitude_vector")}
+    expected_keys |= {f"base_model.model.model.layers.{layer}.reft_interventions.{group}.{tensor}"
+                      for layer in (1, 2) for group in (0, 1)
+                      for tensor in ("rotate_layer.weight", "learned_source.weight", "learned_source.bias")}
     assert set(saved) == expected_keys
     assert any(".lora_magnitude_vector." in k for k in saved)
     stored = json.loads((tmp_path / "adapter_config.json").read_text())

@@ -5,7 +5,10 @@ tensors, gathered under ZeRO-3) and `losses-<rank>.json`; the main process saves
 DeepSpeed options (TrainingArguments(deepspeed=...), as a user of the HF Trainer sets it): `zero2` or `zero3`, plus
 `init` (ZeRO-3 partitions the base model's weights from construction, zero3_init_flag), `gc` (gradient
 checkpointing), `offload` (ZeRO-3 parameter offload to the CPU), `base=<dir>` (load the base model saved there);
-`lora` (with or without DeepSpeed) gives the ReFT adapter a LoRA part on q_proj and v_proj.
+`lora` (with or without DeepSpeed) gives the ReFT adapter a LoRA part on q_proj and v_proj; `gc` also without
+DeepSpeed; `intervention=<name>` and `component=<name>` choose the adapter (default LoReFT on `block_output`). ZeRO-3
+partitions every parameter (persistence threshold 0: the tiny model's tensors are all below DeepSpeed's default), the
+interventions included, which the worker checks after training.
 """
 
 import json
@@ -54,6 +57,8 @@ def deepspeed_config(options):
     """A DeepSpeed config as HF Trainer users write one ("auto" values are filled in from TrainingArguments)."""
     stage = 3 if "zero3" in options else 2
     zero = {"stage": stage}
+    if stage == 3:
+        zero["stage3_param_persistence_threshold"] = 0  # partition every tensor, however small
     if "offload" in options:
         zero["offload_param"] = {"device": "cpu"}
     return {
@@ -68,7 +73,8 @@ def deepspeed_config(options):
 def main():
     out, per_device, steps = Path(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3])
     options = {o for o in sys.argv[4:] if "=" not in o}
-    base = dict(o.split("=", 1) for o in sys.argv[4:] if "=" in o).get("base")  # a saved base model to load
+    settings = dict(o.split("=", 1) for o in sys.argv[4:] if "=" in o)
+    base = settings.get("base")  # a saved base model to load
     deepspeed = deepspeed_config(options) if options & {"zero2", "zero3"} else None
     model = None if "init" in options else tiny_model(base)  # built after the ZeRO-3 config: partitioned from the start
     from tokenizers import Tokenizer, models
@@ -91,12 +97,16 @@ def main():
         assert partitioned.numel() == 0 and partitioned.ds_numel == 32 * 32  # ZeRO-3 partitioned it at construction
     lora = LoraConfig(r=2, target_modules=["q_proj", "v_proj"]) if "lora" in options else None  # ReFT + LoRA
     # f7+l7 is longer than most prompts: empty slots
-    config = ReftConfig(layers=[0, 2], low_rank_dimension=4, positions="f7+l7", lora_config=lora)
+    config = ReftConfig(layers=[0, 2], low_rank_dimension=4, positions="f7+l7", lora_config=lora,
+                        intervention=settings.get("intervention", "loreft"),
+                        component=settings.get("component", "block_output"))
     trainer = SFTTrainer(model=model, args=args, train_dataset=dataset(), processing_class=tokenizer,
                          peft_config=config)
     trainer.train()
     rank = trainer.accelerator.process_index
     trained = [(n, p) for n, p in trainer.model.named_parameters() if p.requires_grad]
+    if "zero3" in options:  # partitioned for real: each rank holds a shard of every intervention tensor
+        assert all(p.numel() < p.ds_numel for n, p in trained if ".reft_interventions." in n)
     with gathered([p for _, p in trained]):
         params = {n: p.detach().clone().contiguous() for n, p in trained}
     save_file(params, str(out / f"params-{rank}.safetensors"))

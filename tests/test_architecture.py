@@ -1,10 +1,11 @@
 """Decoder architectures beyond Llama: the layer stack is found without a per-model table, the logits match the
-independent reference (for every component), generation batches correctly and adapters round-trip. The encoders
-(BERT, RoBERTa) are covered in test_sequence_classification.py."""
+independent reference (for every component), generation batches correctly and adapters round-trip; models ReFT
+cannot edit are refused by name (peft_reft/architecture.py). The encoders (BERT, RoBERTa) are covered in
+test_sequence_classification.py."""
 
 import pytest
 import torch
-from conftest import padded_batch
+from conftest import padded_batch, tiny_config, tiny_model
 from peft import PeftModel, get_peft_model
 from reference import raw_params, reference_logits
 from transformers import (
@@ -19,7 +20,7 @@ from transformers import (
     Qwen3Config,
 )
 
-from peft_reft import ReftConfig
+from peft_reft import ReftConfig, ReftLayer
 
 COMMON = {"vocab_size": 97, "num_hidden_layers": 3, "num_attention_heads": 4, "pad_token_id": 0}
 GQA = {"hidden_size": 32, "intermediate_size": 64, "num_key_value_heads": 2}
@@ -88,3 +89,40 @@ def test_components_match_reference_or_are_refused_by_name(arch, component):
     expected = reference_logits(_model(arch), raw_params(model), "loreft", ids, mask, None, 2, 2, False,
                                 submodule=child)
     torch.testing.assert_close(got[mask.bool()], expected[mask.bool()], atol=2e-5, rtol=1e-4)
+
+
+def _config(**kwargs):
+    return ReftConfig(**{"layers": [1, 2], "low_rank_dimension": 3, **kwargs})
+
+
+def test_layer_index_out_of_range():
+    with pytest.raises(ValueError, match=r"layers=\[1, 4\] has index\(es\) \[4\] out of range: LlamaForCausalLM has 4 "
+                                         r"layers \(valid indices 0..3\)"):
+        get_peft_model(tiny_model(), _config(layers=[1, 4]))
+
+
+@pytest.mark.parametrize("arch", ["t5", "bart"])
+def test_encoder_decoder_models_are_refused_up_front(arch):
+    from transformers import AutoModelForSeq2SeqLM, BartConfig, T5Config
+
+    config = (T5Config(vocab_size=97, d_model=32, d_kv=8, d_ff=64, num_layers=2, num_heads=4) if arch == "t5" else
+              BartConfig(vocab_size=97, d_model=32, encoder_layers=2, decoder_layers=2, encoder_attention_heads=4,
+                         decoder_attention_heads=4, encoder_ffn_dim=64, decoder_ffn_dim=64))
+    base = AutoModelForSeq2SeqLM.from_config(config)
+    with pytest.raises(ValueError, match=rf"\({arch}\) is an encoder-decoder model, which ReFT does not support"):
+        get_peft_model(base, _config(layers="all"))
+    assert not any(isinstance(m, ReftLayer) for m in base.modules())
+
+
+def test_several_equally_likely_layer_stacks_are_not_picked_silently():
+    from peft_reft.architecture import find_layer_stack
+
+    class TwoStacks(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.config = tiny_config(layers=2)
+            self.left = torch.nn.ModuleList(torch.nn.Linear(4, 4) for _ in range(2))
+            self.right = torch.nn.ModuleList(torch.nn.Linear(4, 4) for _ in range(2))
+
+    with pytest.raises(ValueError, match=r"TwoStacks has several stacks of transformer layers \(left, right\)"):
+        find_layer_stack(TwoStacks())
