@@ -20,6 +20,8 @@ from peft.tuners.lora import LoraLayer
 from peft.utils.other import AuxiliaryTrainingWrapper
 from torch import nn
 
+from .positions import expand_rows
+
 BASE_ADAPTER = "__base__"  # in `adapter_names`: the example runs without any adapter
 
 
@@ -29,16 +31,16 @@ class MixedBatch:
     def __init__(self, names: Sequence[str]):
         self.names = tuple(names)
         self.adapters = tuple(sorted(set(self.names) - {BASE_ADAPTER}))
-        code = {name: index for index, name in enumerate(dict.fromkeys(self.names))}
-        codes = torch.tensor([code[name] for name in self.names])
+        self._distinct = list(dict.fromkeys(self.names))
+        code = {name: index for index, name in enumerate(self._distinct)}
+        self._codes = torch.tensor([code[name] for name in self.names])
         # per adapter: which examples use it, one bool per example
-        self.rows_of = {name: codes == code[name] for name in self.adapters}
+        self.rows_of = {name: self._codes == code[name] for name in self.adapters}
         self.names_for = lru_cache(maxsize=None)(self._names_for)
 
     def _names_for(self, rows: int) -> list[str]:
-        """The names repeated for a batch of `rows` rows (beams and `num_return_sequences` expand each example)."""
-        repeat = rows // len(self.names)
-        return [name for name in self.names for _ in range(repeat)]
+        """The names for a batch of `rows` rows (beams and `num_return_sequences` expand each example)."""
+        return [self._distinct[code] for code in expand_rows(self._codes, rows).tolist()]
 
 
 _MIXED_BATCH: contextvars.ContextVar[Optional[MixedBatch]] = contextvars.ContextVar("reft_mixed_batch", default=None)

@@ -16,7 +16,6 @@ from typing import Any, Optional
 import torch
 from peft.tuners.lora import LoraLayer
 from peft.tuners.tuners_utils import BaseTuner, _get_submodules, _remove_adapter_name_from_state_dict_key
-from peft.utils import TaskType
 from torch import nn
 
 from . import generation
@@ -103,7 +102,7 @@ class ReftModel(BaseTuner):
         causal-LM loss reads (their labels are -100): its own intervention would never get a gradient."""
         spec = peft_config.position_spec
         own_first_window = spec.first and (not spec.last or not peft_config.share_weights)
-        if edits_last_layer and own_first_window and peft_config.task_type == TaskType.CAUSAL_LM:
+        if edits_last_layer and own_first_window and peft_config.edits_prompt:
             warnings.warn(
                 f"ReFT: positions={peft_config.positions!r} gives the first-window tokens an intervention of their "
                 f"own at the last layer ({last}), where it changes only the outputs at prompt tokens, which no loss "

@@ -113,3 +113,30 @@ def test_modules_to_save_and_trainable_tokens_follow_each_example(generate):
             assert torch.equal(mixed[row:row + 1], alone), name
         else:
             torch.testing.assert_close(mixed[row:row + 1], alone, rtol=1e-5, atol=1e-5, msg=name)
+
+
+def test_peft_modules_that_take_adapter_names_get_one_hook_once():
+    from peft import LoraConfig
+    from peft.tuners.lora import LoraLayer
+    from peft.utils.other import AuxiliaryTrainingWrapper
+
+    lora = LoraConfig(r=2, target_modules=["q_proj"])
+    model = get_peft_model(tiny_model(), ReftConfig(layers=[1], positions="l2", init_weights=False, lora_config=lora,
+                                                    modules_to_save=["lm_head"]), adapter_name="a")
+    model.add_adapter("b", ReftConfig(layers=[2], positions="l2", init_weights=False, lora_config=lora,
+                                      modules_to_save=["lm_head"]))
+    model.eval()
+
+    def hook_counts():
+        return [len(m._forward_pre_hooks) for m in model.modules()
+                if isinstance(m, (AuxiliaryTrainingWrapper, LoraLayer))]
+
+    counts = hook_counts()
+    assert len(counts) == 4 + 1 and set(counts) == {1}  # q_proj of 4 layers, the lm_head wrapper: one hook each
+    ids, mask = padded_batch([5, 4, 6])
+    with torch.no_grad():
+        mixed = model(input_ids=ids, attention_mask=mask, adapter_names=["b", "__base__", "a"]).logits
+        assert hook_counts() == counts  # a mixed call adds none (and leaves none behind)
+        model.set_adapter("b")
+        alone = model(input_ids=ids[:1], attention_mask=mask[:1]).logits
+    torch.testing.assert_close(mixed[:1], alone)
