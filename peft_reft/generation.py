@@ -19,6 +19,14 @@ from .positions import INTERVENTION_LOCATIONS, batch_tokens, expand_rows
 # the `generate` call in progress in this thread (its model-call hooks act only for it)
 _GENERATION: contextvars.ContextVar[Optional[object]] = contextvars.ContextVar("reft_generation", default=None)
 UNSUPPORTED = ("assistant_model", "prefill_chunk_size")
+# transformers' continuous batching: its scheduler runs the transformers model itself on requests flattened into one
+# row and fed in chunks, so no ReFT positions reach the layers
+CONTINUOUS_BATCHING_ERROR = (
+    "ReFT adapters do not support transformers' continuous batching (`{name}`, also behind `transformers serve "
+    "--continuous_batching`): its scheduler runs the transformers model inside the PeftModel itself, on requests "
+    "flattened and split into chunks, so the prompt edits would not be applied. Use `PeftModel.generate` with a "
+    "padded batch of prompts (left or right padding), which edits each prompt in its prefill."
+)
 
 
 def kv_cache(kwargs: dict[str, Any]):

@@ -310,3 +310,17 @@ class ReftModel(BaseTuner):
         decoding) and `prefill_chunk_size` are refused (see `peft_reft.generation`).
         """
         return generation.generate(self, *args, **kwargs)
+
+    # transformers' continuous batching (`generate_batch`, `transformers serve --continuous_batching`): refused when
+    # called (see `peft_reft.generation.CONTINUOUS_BATCHING_ERROR`), not left to fail request by request
+    def generate_batch(self, *args: Any, **kwargs: Any):
+        """Refused: transformers' continuous batching runs the model without ReFT positions; use `generate`."""
+        raise ValueError(generation.CONTINUOUS_BATCHING_ERROR.format(name="generate_batch"))
+
+    def init_continuous_batching(self, *args: Any, **kwargs: Any):
+        """Refused, as `generate_batch`."""
+        raise ValueError(generation.CONTINUOUS_BATCHING_ERROR.format(name="init_continuous_batching"))
+
+    def continuous_batching_context_manager(self, *args: Any, **kwargs: Any):
+        """Refused, as `generate_batch`."""
+        raise ValueError(generation.CONTINUOUS_BATCHING_ERROR.format(name="continuous_batching_context_manager"))

@@ -12,6 +12,10 @@ example that is everything before the first supervised token. For a multi-turn c
 `generate` sees when it answers after the last user turn. Tokens are counted among attended tokens only, so left
 padding, right padding and masks with holes give the same positions for the same prompt.
 
+A row may hold several sequences (no attention mask, `position_ids` restarting: TRL's padding-free and packed
+batches). The rule is then applied to each sequence on its own: per token, its position within its sequence and that
+sequence's prompt length decide.
+
 A prompt of n < N + M tokens: the two windows never overlap, every prompt token is edited exactly once, the first
 window takes `min(N, max(ceil(n / 2), n - M))` tokens and the last window the remaining `min(M, n - first)`.
 Example: `"f7+l7"` on a 3-token prompt edits tokens 0 and 1 with the first intervention and token 2 with the last.
@@ -84,32 +88,80 @@ def _require(ok: torch.Tensor, message: str) -> None:
         torch._assert_async(ok.all(), message)
 
 
-def prompt_mask(attended: torch.Tensor, labels: torch.Tensor | None) -> torch.Tensor:
-    """Bool `[B, L]`: attended tokens before the last run of supervised labels (all attended tokens without labels)."""
+class Sequences:
+    """Where each row's sequences lie: `ids` (`[B, L]`, the index of the sequence each token belongs to, counted from
+    0 in each row) for rows that pack several sequences, or None for one sequence per row. Per-sequence reductions
+    are row reductions in the second case, so an unpacked batch costs what it cost before packing was supported."""
+
+    def __init__(self, ids: torch.Tensor | None = None):
+        self.ids = ids
+
+    def _reduce(self, values: torch.Tensor, how: str, fill: int) -> torch.Tensor:
+        if self.ids is None:
+            reduced = {"amax": values.amax, "amin": values.amin, "sum": values.sum}[how](dim=1, keepdim=True)
+            return reduced.expand_as(values)
+        per_sequence = torch.full_like(values, fill).scatter_reduce(1, self.ids, values, how, include_self=True)
+        return per_sequence.gather(1, self.ids)
+
+    def max(self, values: torch.Tensor) -> torch.Tensor:
+        """Per token, the largest of `values` over its sequence."""
+        return self._reduce(values, "amax", torch.iinfo(values.dtype).min if not values.is_floating_point() else -1)
+
+    def sum(self, values: torch.Tensor) -> torch.Tensor:
+        """Per token, the sum of `values` over its sequence."""
+        return self._reduce(values, "sum", 0)
+
+    def cumsum(self, values: torch.Tensor) -> torch.Tensor:
+        """Per token, the sum of `values` from its sequence's start up to and including the token."""
+        running = values.cumsum(dim=1)
+        if self.ids is None:
+            return running
+        before = running - values  # non-decreasing for non-negative values: the least is at the sequence's start
+        return running - self._reduce(before, "amin", torch.iinfo(before.dtype).max)
+
+    def starts(self, like: torch.Tensor) -> torch.Tensor:
+        """Bool `[B, L]`: the first token of each sequence."""
+        first = torch.zeros_like(like, dtype=torch.bool)
+        first[:, 0] = True
+        if self.ids is not None:
+            first[:, 1:] = self.ids[:, 1:] != self.ids[:, :-1]
+        return first
+
+
+def prompt_mask(
+    attended: torch.Tensor, labels: torch.Tensor | None, sequences: Sequences | None = None
+) -> torch.Tensor:
+    """Bool `[B, L]`: the attended tokens of each sequence before its last run of supervised labels (all attended tokens
+    without labels). A row holds one sequence unless `sequences` says otherwise."""
     if labels is None:
         return attended
+    sequences = sequences or Sequences()
     supervised = (labels != IGNORE_INDEX) & attended
     run_starts = supervised.clone()
-    run_starts[:, 1:] &= ~supervised[:, :-1]
-    seq_len = labels.shape[1]
-    index = torch.arange(seq_len, device=labels.device)
-    last_start = torch.where(run_starts, index, -1).amax(dim=1, keepdim=True)
+    run_starts[:, 1:] &= ~supervised[:, :-1] | sequences.starts(supervised)[:, 1:]
+    index = torch.arange(labels.shape[1], device=labels.device).expand_as(labels)
+    last_start = sequences.max(torch.where(run_starts, index, -1))
     prompt = attended & ((index < last_start) | (last_start < 0))
     _require(
-        prompt.any(dim=1) | ~attended.any(dim=1),
+        sequences.max(prompt.long()).bool() | ~sequences.max(attended.long()).bool(),
         "Cannot find the prompt: in some example the first attended token already has a label (labels != -100), so "
         "there is no prompt/completion split to place 'fN'/'lM' positions on (plain language-modelling data, "
         "completion_only_loss=False, or packed rows that start inside a completion). Use prompt/completion data "
-        "whose prompt labels are -100 (TRL's default), without packing; or pass explicit `intervention_locations`; or "
-        "use positions='all'.",
+        "whose prompt labels are -100 (TRL's default); or pass explicit `intervention_locations`; or use "
+        "positions='all'.",
     )
     return prompt
 
 
-def group_map_from_prompt(prompt: torch.Tensor, spec: PositionSpec, share_weights: bool) -> torch.Tensor:
-    """Group map `[B, L]` for the first/last windows of each row's prompt tokens (`prompt`: bool `[B, L]`)."""
-    count = prompt.sum(dim=1, keepdim=True)
-    rank = prompt.cumsum(dim=1) - 1
+def group_map_from_prompt(
+    prompt: torch.Tensor, spec: PositionSpec, share_weights: bool, sequences: Sequences | None = None
+) -> torch.Tensor:
+    """Group map `[B, L]` for the first/last windows of each sequence's prompt tokens (`prompt`: bool `[B, L]`; a row
+    holds one sequence unless `sequences` says otherwise)."""
+    sequences = sequences or Sequences()
+    prompt_long = prompt.long()
+    count = sequences.sum(prompt_long)
+    rank = sequences.cumsum(prompt_long) - 1
     first = torch.minimum(torch.full_like(count, spec.first), torch.maximum((count + 1) // 2, count - spec.last))
     last = torch.minimum(torch.full_like(count, spec.last), count - first)
     last_group = spec.num_groups(share_weights) - 1
@@ -166,19 +218,42 @@ def expand_rows(per_example: torch.Tensor, rows: int) -> torch.Tensor:
     )
 
 
-def _reject_packed_rows(batch: Mapping[str, Any]) -> None:
-    if batch.get("attention_mask") is not None:
-        return
-    packed = any(batch.get(key) is not None for key in ("cu_seq_lens_q", "cu_seq_lens_k", "seq_idx"))
+def packed_sequences(batch: Mapping[str, Any]) -> Sequences:
+    """The sequences of a batch's rows. A row without an attention mask whose `position_ids` restart (at 0, or
+    anywhere they do not follow the previous position, as transformers' attention reads them) packs several
+    sequences (TRL's `padding_free=True` and `packing=True`, flattened continuous batches); each is an example of its
+    own. Rows that pack sequences without saying where they start (varlen kernel arguments, no `position_ids`) are
+    refused."""
     position_ids = batch.get("position_ids")
-    if not packed and position_ids is not None and position_ids.shape[-1] > 1:
-        packed = bool((position_ids[..., 1:] == 0).any())
-    if packed:
-        raise ValueError(
-            "This batch packs several sequences into one row (padding-free / packing: position_ids restart, no "
-            "attention_mask), so ReFT cannot tell where each prompt is. Train without packing and padding_free "
-            "(SFTConfig(packing=False, padding_free=False)), or use positions='all'."
-        )
+    if batch.get("attention_mask") is not None:
+        return Sequences()
+    if position_ids is None:
+        if any(batch.get(key) is not None for key in ("cu_seq_lens_q", "cu_seq_lens_k", "seq_idx")):
+            raise ValueError(
+                "This batch packs several sequences into one row (varlen kernel arguments, no attention_mask), but "
+                "has no `position_ids` to tell where each sequence starts. Pass `position_ids` that restart at 0 for "
+                "every sequence (TRL's padding-free collator does), or explicit `intervention_locations`."
+            )
+        return Sequences()
+    # transformers' rule for the attention of packed rows (`find_packed_sequence_indices`): a sequence starts wherever
+    # the position does not follow the previous one
+    position_ids = position_ids.reshape(-1, position_ids.shape[-1]).expand(batch_tokens(batch).shape[0], -1)
+    step = torch.diff(position_ids, prepend=position_ids[:, :1] - 1, dim=-1)
+    return Sequences((step != 1).long().cumsum(dim=1))
+
+
+def sequences_per_row(batch: Mapping[str, Any], seq_len: int) -> int:
+    """The most sequences a row of the batch can hold, known on the host: 1 for padded rows; for packed rows, what
+    TRL's collator says (`cu_seq_lens_q`, a CPU tensor), or what CPU `position_ids` show, else `seq_len`."""
+    if batch.get("attention_mask") is not None or batch.get("position_ids") is None:
+        return 1
+    boundaries = batch.get("cu_seq_lens_q")
+    if isinstance(boundaries, torch.Tensor) and boundaries.device.type == "cpu":
+        return max(1, boundaries.numel() - 1)
+    position_ids = batch["position_ids"]
+    if position_ids.device.type == "cpu":
+        return int(packed_sequences(batch).ids.amax()) + 1
+    return seq_len
 
 
 def intervention_group_map(
@@ -203,9 +278,8 @@ def intervention_group_map(
     if locations is not None:
         return group_map_from_locations(locations, spec.num_groups(share_weights), batch_size, seq_len)
     attention_mask = batch.get("attention_mask")
+    sequences = packed_sequences(batch)
     if attention_mask is None:
-        if not spec.all:
-            _reject_packed_rows(batch)
         attended = torch.ones(batch_size, seq_len, dtype=torch.bool, device=reference.device)
     elif attention_mask.dim() == 2 and tuple(attention_mask.shape) == (batch_size, seq_len):
         attended = attention_mask.bool()
@@ -227,16 +301,17 @@ def intervention_group_map(
             "cannot mark the prompt. Class labels need ReftConfig(task_type='SEQ_CLS'), which places positions on the "
             "whole input."
         )
-    return group_map_from_prompt(prompt_mask(attended, labels), spec, share_weights)
+    return group_map_from_prompt(prompt_mask(attended, labels, sequences), spec, share_weights, sequences)
 
 
-def positions_per_group(spec: PositionSpec, share_weights: bool, seq_len: int) -> list[int]:
-    """The most tokens each intervention can edit in a row, known before looking at the batch."""
+def positions_per_group(spec: PositionSpec, share_weights: bool, seq_len: int, sequences: int = 1) -> list[int]:
+    """The most tokens each intervention can edit in a row of `sequences` sequences, known before looking at the
+    batch's tensors."""
     if spec.all:
         return [seq_len]
     if spec.num_groups(share_weights) == 2:
-        return [min(spec.first, seq_len), min(spec.last, seq_len)]
-    return [min(spec.first + spec.last, seq_len)]
+        return [min(spec.first * sequences, seq_len), min(spec.last * sequences, seq_len)]
+    return [min((spec.first + spec.last) * sequences, seq_len)]
 
 
 def locations_from_group_map(group_map: torch.Tensor, num_groups: int, width: int | None = None) -> torch.Tensor:
@@ -286,7 +361,9 @@ def adapter_positions(
         if rule not in group_maps:
             group_maps[rule] = adapter_group_map(config, batch, head_pad_token_id)
         group_map = group_maps[rule]
-        widths = positions_per_group(config.position_spec, config.share_weights, group_map.shape[1])
+        seq_len = group_map.shape[1]
+        widths = positions_per_group(config.position_spec, config.share_weights, seq_len,
+                                     sequences_per_row(batch, seq_len))
         width = max(widths) if explicit is None else explicit.shape[-1]
         locations = locations_from_group_map(group_map, config.num_groups, width)
         if rows_of is not None:

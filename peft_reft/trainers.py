@@ -4,8 +4,10 @@ A ReFT adapter with prompt positions (`fN`, `lM`) must know, in every training f
 `ReftModel` reads that from `labels` (-100 on the prompt) or explicit `intervention_locations`. TRL's trainers differ
 in what they pass to the model:
 
-- `SFTTrainer`: `labels`, -100 on the prompt: trains. Not with `label_smoothing_factor` or `compute_loss_func`
-  unless `ReftDataCollator` is the data collator (the loss forward pass then has no labels).
+- `SFTTrainer`: `labels`, -100 on the prompt: trains, also with `padding_free=True` and `packing=True` (strategy
+  "bfd": each packed sequence has its prompt windows). Not with `label_smoothing_factor` or `compute_loss_func`
+  unless `ReftDataCollator` is the data collator (the loss forward pass then has no labels), nor with the packing
+  strategies that cut sequences ("bfd_split", "wrapped").
 - `DPOTrainer`, `KTOTrainer`: `labels` of the completion (the reference forward runs with the adapter disabled):
   train.
 - `GRPOTrainer`, `RLOOTrainer`: `labels` of the completion, generation through `PeftModel.generate`: train. Not with
@@ -123,6 +125,15 @@ def trainer_problem(trainer: Any, prompt_positions: bool) -> Optional[str]:
             "the ReFT edits, so the policy that is trained is not the one that generated. Set use_vllm=False: "
             "generation then goes through PeftModel.generate, which applies the edits."
         )
+    if name == "SFTTrainer" and prompt_positions and getattr(args, "packing", False):
+        strategy = getattr(args, "packing_strategy", "bfd")
+        if strategy != "bfd":
+            return (
+                f"TRL's SFTTrainer with packing_strategy={strategy!r} cuts sequences to fill its rows, so a packed "
+                "sequence can start inside a completion, where no prompt marks where 'fN' / 'lM' positions go. Use "
+                "packing_strategy='bfd' (whole sequences, each with its own prompt windows), or padding_free=True "
+                "without packing, or positions='all'."
+            )
     if name == "SFTTrainer" and prompt_positions:
         from .collator import ReftDataCollator
 

@@ -144,3 +144,11 @@ def test_assisted_generation_is_refused():
     ids, mask = padded_batch([7], seed=4)
     with pytest.raises(ValueError, match=r"ReFT does not support `generate\(..., assistant_model=...\)`"):
         model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=2, assistant_model=tiny_model())
+
+
+@pytest.mark.parametrize("entry", ["generate_batch", "init_continuous_batching", "continuous_batching_context_manager"])
+def test_continuous_batching_is_refused_when_called(entry):
+    model = get_peft_model(tiny_model(), ReftConfig(layers=[1], positions="f1+l1")).eval()
+    with pytest.raises(ValueError, match=rf"ReFT adapters do not support transformers' continuous batching "
+                                         rf"\(`{entry}`.*Use `PeftModel.generate` with a padded batch"):
+        getattr(model, entry)([[5, 6, 7]])

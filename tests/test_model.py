@@ -246,19 +246,25 @@ def test_layers_all_wraps_every_decoder_layer():
     assert sum(isinstance(m, ReftLayer) for m in model.modules()) == tiny_config().num_hidden_layers
 
 
-def test_packed_batches_are_rejected_for_prompt_positions():
-    model = get_peft_model(tiny_model(), _config())
-    ids = torch.randint(3, 90, (1, 8))
-    position_ids = torch.tensor([[0, 1, 2, 3, 0, 1, 2, 3]])
-    with pytest.raises(ValueError, match=r"packs several sequences into one row .*"
-                                         r"SFTConfig\(packing=False, padding_free=False\)"):
-        model(input_ids=ids, position_ids=position_ids, labels=ids)
-    # with positions='all' packing is harmless: every token is edited
-    model_all = get_peft_model(tiny_model(), _config(positions="all", init_weights=False))
-    out = model_all(input_ids=ids, position_ids=position_ids, labels=ids)
-    with model_all.disable_adapter():
-        plain = model_all(input_ids=ids, position_ids=position_ids, labels=ids)
-    assert torch.isfinite(out.loss) and (out.logits - plain.logits).abs().amax(-1).min() > 1e-4  # every token moved
+@pytest.mark.parametrize("positions", ["f2+l2", "l3", "all"])
+def test_a_packed_row_edits_each_sequence_as_if_it_were_alone(positions):
+    """Rows that pack sequences (position_ids restart, no attention mask: TRL's padding-free and packed batches): each
+    sequence gets its own windows, so the packed row's logits are those of each sequence run on its own."""
+    model = get_peft_model(tiny_model(), _config(positions=positions)).eval()
+    lengths, prompts = (7, 5, 9), (4, 2, 6)
+    torch.manual_seed(1)
+    rows = [torch.randint(3, 90, (1, n)) for n in lengths]
+    labels = [ids.masked_fill(torch.arange(n) < p, -100) for ids, n, p in zip(rows, lengths, prompts)]
+    position_ids = torch.cat([torch.arange(n) for n in lengths])[None]
+    with torch.no_grad():
+        # use_cache=False, as in training: transformers reads packed sequences from position_ids only without a cache
+        packed = model(input_ids=torch.cat(rows, 1), position_ids=position_ids, labels=torch.cat(labels, 1),
+                       use_cache=False).logits
+        alone = torch.cat([model(input_ids=ids, labels=lab).logits for ids, lab in zip(rows, labels)], 1)
+        with model.disable_adapter():
+            plain = model(input_ids=torch.cat(rows, 1), position_ids=position_ids, use_cache=False).logits
+    torch.testing.assert_close(packed, alone, rtol=1e-5, atol=1e-5)
+    assert not torch.allclose(packed, plain)
 
 
 def test_modules_to_save_are_trained_and_saved(tmp_path):

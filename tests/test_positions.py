@@ -174,3 +174,37 @@ def test_positions_per_group():
     assert positions_per_group(PositionSpec(7, 7), True, 10) == [10]
     assert positions_per_group(PositionSpec(0, 3), False, 100) == [3]
     assert positions_per_group(PositionSpec(all=True), False, 12) == [12]
+
+
+@pytest.mark.parametrize("first,last", [(0, 2), (3, 0), (2, 2), (7, 7)])
+def test_a_packed_row_gets_each_sequences_windows(first, last):
+    """Rows that pack sequences (no attention mask, position_ids restart): every sequence is placed as if alone,
+    checked with the reference on each sequence; a completion of two runs keeps the rule per sequence."""
+    torch.manual_seed(0)
+    for trial in range(20):
+        lengths = torch.randint(1, 9, (int(torch.randint(1, 5, (1,))),)).tolist()
+        labels, expected, offset = [], {}, 0
+        for n in lengths:
+            prompt = int(torch.randint(1, n + 1, (1,)))
+            row = [-100] * prompt + [5] * (n - prompt)
+            if n - prompt >= 3:
+                row[prompt + 1] = -100  # a hole: the completion is the last run of supervised labels
+            windows = reference_positions([1] * n, row, first, last)
+            expected.update({offset + t: w for t, w in windows.items()})
+            labels += row
+            offset += n
+        position_ids = torch.cat([torch.arange(n) for n in lengths])[None]
+        spec = PositionSpec(first, last)
+        group_map = intervention_group_map(spec, False, {"input_ids": torch.zeros(1, offset, dtype=torch.long),
+                                                         "labels": torch.tensor([labels]),
+                                                         "position_ids": position_ids})
+        two_groups = bool(first and last)
+        group_of = {t: (1 if two_groups and w == "last" else 0) for t, w in expected.items()}
+        assert {t: g for t, g in enumerate(group_map[0].tolist()) if g >= 0} == group_of, (lengths, labels)
+
+
+def test_packed_rows_without_position_ids_are_refused():
+    batch = {"input_ids": torch.zeros(1, 6, dtype=torch.long), "cu_seq_lens_q": torch.tensor([0, 3, 6])}
+    with pytest.raises(ValueError, match=r"packs several sequences into one row \(varlen kernel arguments, no "
+                                         r"attention_mask\), but has no `position_ids`"):
+        intervention_group_map(PositionSpec(1, 1), False, batch)

@@ -259,18 +259,40 @@ def test_reft_with_a_lora_part_trains_saves_and_loads(tokenizer, tmp_path):
             assert (model(**batch).logits - trained).abs().max() > 1e-2
 
 
-def test_padding_free_and_bfd_packing_are_rejected(tokenizer, tmp_path):
-    for kwargs in ({"padding_free": True, "max_length": None}, {"packing": True}):
-        with pytest.raises(ValueError, match=r"packs several sequences into one row .*SFTConfig\(packing=False"):
-            train(tokenizer, tmp_path, max_steps=2, **kwargs)
+def _reft_parameters(trainer):
+    return {n: p.detach().clone() for n, p in trainer.model.named_parameters() if ".reft_interventions." in n}
 
 
-def test_wrapped_packing_is_detected(tokenizer, tmp_path):
-    data = Dataset.from_list([{"prompt": "Tell me", "completion": " a very long answer about many different things"}]
-                             * 8)
-    example = len(tokenizer("Tell me a very long answer about many different things")["input_ids"]) + 1  # + eos
-    with pytest.raises(ValueError, match="packed rows that start inside a completion"):
-        train(tokenizer, tmp_path, data, max_steps=2, packing=True, packing_strategy="wrapped", max_length=example + 3)
+@pytest.mark.parametrize("packing", ["padding_free", "bfd"])
+def test_packed_rows_train_as_the_padded_run(tokenizer, tmp_path, packing):
+    """padding_free=True (a batch flattened into one row) and packing=True (bfd: whole sequences packed into rows):
+    each sequence's prompt windows are edited, so the losses and the trained interventions are the padded run's.
+    One batch holds the whole data set in every run, so all runs see the same examples at every step."""
+    data = prompt_completion(repeat=2)
+    config = reft_config(positions="f2+l2", init_weights=False)
+    runs = {}
+    for name, options in {"padded": {"per_device_train_batch_size": 8},
+                          "packed": ({"padding_free": True, "max_length": None, "per_device_train_batch_size": 8}
+                                     if packing == "padding_free" else
+                                     {"packing": True, "max_length": 512, "per_device_train_batch_size": 1})}.items():
+        trainer = train(tokenizer, tmp_path / name, data, config, max_steps=4, learning_rate=5e-2, **options)
+        if name == "packed":
+            batch = next(iter(trainer.get_train_dataloader()))
+            assert batch["input_ids"].shape[0] == 1 and "attention_mask" not in batch  # one row ...
+            assert int((batch["position_ids"] == 0).sum()) == 8  # ... of the 8 sequences
+        runs[name] = (losses(trainer), _reft_parameters(trainer))
+    (padded_losses, padded_params), (packed_losses, packed_params) = runs["padded"], runs["packed"]
+    assert len(padded_losses) == len(packed_losses) == 4 and padded_losses[-1] < padded_losses[0]
+    torch.testing.assert_close(torch.tensor(packed_losses), torch.tensor(padded_losses), rtol=1e-5, atol=1e-5)
+    for name, value in padded_params.items():
+        torch.testing.assert_close(packed_params[name], value, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("strategy", ["wrapped", "bfd_split"])
+def test_packing_that_cuts_sequences_is_refused_up_front(tokenizer, tmp_path, strategy):
+    with pytest.raises(ValueError, match=rf"SFTTrainer with packing_strategy='{strategy}' cuts sequences to fill its "
+                                         r"rows, so a packed sequence can start inside a completion"):
+        train(tokenizer, tmp_path, max_steps=2, packing=True, packing_strategy=strategy)
 
 
 def test_packing_with_all_positions_trains(tokenizer, tmp_path):
