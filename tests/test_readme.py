@@ -57,8 +57,20 @@ def documented_commands() -> list[str]:
     return sorted({c for doc in DOCS for c in bash_commands(doc.read_text())})
 
 
+SCRIPTS = Path(sys.executable).parent  # the console scripts of the interpreter that runs the tests
+
+
 def env():
-    return {**os.environ, "PYTHONPATH": str(ROOT), "TOKENIZERS_PARALLELISM": "false"}
+    # the scripts a command starts (accelerate -> python, ...) come from this interpreter's installation too
+    path = os.pathsep.join([str(SCRIPTS), os.environ.get("PATH", "")])
+    return {**os.environ, "PATH": path, "PYTHONPATH": str(ROOT), "TOKENIZERS_PARALLELISM": "false"}
+
+
+def console_script(name: str) -> str:
+    """`name` (torchrun, accelerate, ...) as installed next to this interpreter, not whatever is first on PATH."""
+    script = SCRIPTS / name
+    assert script.exists(), f"{name} is not installed next to {sys.executable}: run `make install` with this Python"
+    return str(script)
 
 
 def write_data(folder: Path) -> None:
@@ -125,8 +137,7 @@ def test_readme_command_runs(command, tmp_path):
         out = _run(argv, tmp_path)
         assert (tmp_path / "quickstart" / "adapter_model.safetensors").exists(), out[-2000:]
         return
-    if argv[0] == "python":
-        argv[0] = sys.executable
+    argv[0] = sys.executable if argv[0] == "python" else console_script(argv[0])
     if script is not None and "--help" not in argv:
         argv += SMOKE_FLAGS[script]
     out = _run(argv, tmp_path)
