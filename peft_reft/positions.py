@@ -91,33 +91,41 @@ def _require(ok: torch.Tensor, message: str) -> None:
 class Sequences:
     """Where each row's sequences lie: `ids` (`[B, L]`, the index of the sequence each token belongs to, counted from
     0 in each row) for rows that pack several sequences, or None for one sequence per row. Per-sequence reductions
-    are row reductions in the second case, so an unpacked batch costs what it cost before packing was supported."""
+    are plain row reductions (`[B, 1]`, broadcast) in the second case, so an unpacked batch costs what it cost before
+    packing was supported."""
 
     def __init__(self, ids: torch.Tensor | None = None):
         self.ids = ids
 
-    def _reduce(self, values: torch.Tensor, how: str, fill: int) -> torch.Tensor:
-        if self.ids is None:
-            reduced = {"amax": values.amax, "amin": values.amin, "sum": values.sum}[how](dim=1, keepdim=True)
-            return reduced.expand_as(values)
+    def _per_sequence(self, values: torch.Tensor, how: str, fill: int) -> torch.Tensor:
         per_sequence = torch.full_like(values, fill).scatter_reduce(1, self.ids, values, how, include_self=True)
         return per_sequence.gather(1, self.ids)
 
+    def any(self, mask: torch.Tensor) -> torch.Tensor:
+        """Per token (or per row), whether `mask` holds anywhere in its sequence."""
+        if self.ids is None:
+            return mask.any(dim=1, keepdim=True)
+        return self._per_sequence(mask.long(), "amax", 0).bool()
+
     def max(self, values: torch.Tensor) -> torch.Tensor:
-        """Per token, the largest of `values` over its sequence."""
-        return self._reduce(values, "amax", torch.iinfo(values.dtype).min if not values.is_floating_point() else -1)
+        """Per token (or per row), the largest of the integer `values` over its sequence."""
+        if self.ids is None:
+            return values.amax(dim=1, keepdim=True)
+        return self._per_sequence(values, "amax", torch.iinfo(values.dtype).min)
 
-    def sum(self, values: torch.Tensor) -> torch.Tensor:
-        """Per token, the sum of `values` over its sequence."""
-        return self._reduce(values, "sum", 0)
+    def count(self, mask: torch.Tensor) -> torch.Tensor:
+        """Per token (or per row), how many tokens of its sequence `mask` holds."""
+        if self.ids is None:
+            return mask.sum(dim=1, keepdim=True)
+        return self._per_sequence(mask.long(), "sum", 0)
 
-    def cumsum(self, values: torch.Tensor) -> torch.Tensor:
-        """Per token, the sum of `values` from its sequence's start up to and including the token."""
-        running = values.cumsum(dim=1)
+    def rank(self, mask: torch.Tensor) -> torch.Tensor:
+        """Per token, how many tokens of its sequence up to and including it `mask` holds."""
+        running = mask.cumsum(dim=1)
         if self.ids is None:
             return running
-        before = running - values  # non-decreasing for non-negative values: the least is at the sequence's start
-        return running - self._reduce(before, "amin", torch.iinfo(before.dtype).max)
+        before = running - mask.long()  # non-decreasing: its least value in a sequence is at the sequence's start
+        return running - self._per_sequence(before, "amin", torch.iinfo(before.dtype).max)
 
     def starts(self, like: torch.Tensor) -> torch.Tensor:
         """Bool `[B, L]`: the first token of each sequence."""
@@ -138,12 +146,15 @@ def prompt_mask(
     sequences = sequences or Sequences()
     supervised = (labels != IGNORE_INDEX) & attended
     run_starts = supervised.clone()
-    run_starts[:, 1:] &= ~supervised[:, :-1] | sequences.starts(supervised)[:, 1:]
-    index = torch.arange(labels.shape[1], device=labels.device).expand_as(labels)
+    if sequences.ids is None:
+        run_starts[:, 1:] &= ~supervised[:, :-1]
+    else:  # a run also starts where a sequence starts
+        run_starts[:, 1:] &= ~supervised[:, :-1] | sequences.starts(supervised)[:, 1:]
+    index = torch.arange(labels.shape[1], device=labels.device)
     last_start = sequences.max(torch.where(run_starts, index, -1))
     prompt = attended & ((index < last_start) | (last_start < 0))
     _require(
-        sequences.max(prompt.long()).bool() | ~sequences.max(attended.long()).bool(),
+        sequences.any(prompt) | ~sequences.any(attended),
         "Cannot find the prompt: in some example the first attended token already has a label (labels != -100), so "
         "there is no prompt/completion split to place 'fN'/'lM' positions on (plain language-modelling data, "
         "completion_only_loss=False, or packed rows that start inside a completion). Use prompt/completion data "
@@ -159,9 +170,8 @@ def group_map_from_prompt(
     """Group map `[B, L]` for the first/last windows of each sequence's prompt tokens (`prompt`: bool `[B, L]`; a row
     holds one sequence unless `sequences` says otherwise)."""
     sequences = sequences or Sequences()
-    prompt_long = prompt.long()
-    count = sequences.sum(prompt_long)
-    rank = sequences.cumsum(prompt_long) - 1
+    count = sequences.count(prompt)
+    rank = sequences.rank(prompt) - 1
     first = torch.minimum(torch.full_like(count, spec.first), torch.maximum((count + 1) // 2, count - spec.last))
     last = torch.minimum(torch.full_like(count, spec.last), count - first)
     last_group = spec.num_groups(share_weights) - 1
