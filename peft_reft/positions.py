@@ -37,6 +37,7 @@ from dataclasses import dataclass
 from typing import Any, Mapping, Optional
 
 import torch
+from transformers.masking_utils import find_packed_sequence_indices
 
 IGNORE_INDEX = -100
 INTERVENTION_LOCATIONS = "intervention_locations"  # the batch key of explicit positions
@@ -245,11 +246,10 @@ def packed_sequences(batch: Mapping[str, Any]) -> Sequences:
                 "every sequence (TRL's padding-free collator does), or explicit `intervention_locations`."
             )
         return Sequences()
-    # transformers' rule for the attention of packed rows (`find_packed_sequence_indices`): a sequence starts wherever
-    # the position does not follow the previous one
+    # the rule transformers' attention reads packed rows by: a sequence starts wherever the position does not follow
+    # the previous one (None: every row holds one sequence)
     position_ids = position_ids.reshape(-1, position_ids.shape[-1]).expand(batch_tokens(batch).shape[0], -1)
-    step = torch.diff(position_ids, prepend=position_ids[:, :1] - 1, dim=-1)
-    return Sequences((step != 1).long().cumsum(dim=1))
+    return Sequences(find_packed_sequence_indices(position_ids))
 
 
 def sequences_per_row(batch: Mapping[str, Any], seq_len: int) -> int:
@@ -260,9 +260,9 @@ def sequences_per_row(batch: Mapping[str, Any], seq_len: int) -> int:
     boundaries = batch.get("cu_seq_lens_q")
     if isinstance(boundaries, torch.Tensor) and boundaries.device.type == "cpu":
         return max(1, boundaries.numel() - 1)
-    position_ids = batch["position_ids"]
-    if position_ids.device.type == "cpu":
-        return int(packed_sequences(batch).ids.amax()) + 1
+    if batch["position_ids"].device.type == "cpu":
+        ids = packed_sequences(batch).ids
+        return 1 if ids is None else int(ids.amax()) + 1
     return seq_len
 
 
