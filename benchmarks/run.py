@@ -282,6 +282,74 @@ def bench_generation(model_name, device, dtype, pairs) -> list[dict]:
     return rows
 
 
+def bench_compiled(model_name, device, dtype, pairs) -> list[dict]:
+    """torch.compile (inductor; `mode="reduce-overhead"` on CUDA) on both sides: the ReFT (b) train step against the
+    compiled floor-b step, and a prefill forward pass (8 prompts of 64 tokens, no gradient) against the compiled bare
+    model's."""
+    base = load_model(model_name, device, dtype)
+    n_layers = base.config.num_hidden_layers
+    batch = training_batch(base.config.vocab_size, device)
+    autocast = torch.bfloat16 if device.type == "cuda" else None
+    mode = "reduce-overhead" if device.type == "cuda" else None
+    steps = {}
+    for kind in ("floor-b", "b"):
+        model = build(kind, base, n_layers).train()
+        steps[kind] = train_step(torch.compile(model, mode=mode), batch, optimizer_for(model), device, autocast)
+    train = paired(steps["floor-b"], steps["b"], device, pairs)
+    reft = get_peft_model(copy.deepcopy(base), REFT_CONFIGS["b"](n_layers)).eval().requires_grad_(False)
+    bare = copy.deepcopy(base).eval().requires_grad_(False)
+    g = torch.Generator().manual_seed(1)
+    prompts = {"input_ids": torch.randint(10, base.config.vocab_size, (8, PROMPT), generator=g).to(device)}
+    prompts["attention_mask"] = torch.ones_like(prompts["input_ids"])
+
+    def prefill(model):
+        compiled = torch.compile(model, mode=mode)
+
+        def run():
+            with torch.no_grad(), torch.autocast(device.type, dtype=autocast, enabled=autocast is not None):
+                compiled(**prompts, use_cache=False)
+        return run
+
+    forward = paired(prefill(bare), prefill(reft), device, pairs)
+    print(f"  compiled {model_name}: train step {train['ratio']:.3f}, prefill {forward['ratio']:.3f}", flush=True)
+    return [
+        {"workload": "compiled train step", "model": model_name, "candidate": "ReFT (b)", "baseline": "floor-b",
+         "target": 1.03, **train},
+        {"workload": "compiled prefill", "model": model_name, "candidate": "ReFT (b)", "baseline": "bare model",
+         "target": 1.03, **forward},
+    ]
+
+
+PACKED_LENGTHS = (16, 48, 128, 32, 96, 24, 64, 112)  # one SFT batch of mixed lengths, each half prompt
+
+
+def bench_packing(model_name, device, dtype, pairs) -> list[dict]:
+    """A ReFT (b) train step on 8 examples of mixed lengths, as TRL's padding-free collator lays them out (one row,
+    `position_ids` restarting per example, no attention mask) against the same examples right-padded."""
+    base = load_model(model_name, device, dtype)
+    g = torch.Generator().manual_seed(2)
+    examples = [torch.randint(10, base.config.vocab_size, (n,), generator=g) for n in PACKED_LENGTHS]
+    labels = [torch.where(torch.arange(n) < n // 2, -100, ids) for n, ids in zip(PACKED_LENGTHS, examples)]
+    longest = max(PACKED_LENGTHS)
+    padded = {
+        "input_ids": torch.stack([nn.functional.pad(ids, (0, longest - len(ids))) for ids in examples]),
+        "attention_mask": torch.stack([(torch.arange(longest) < len(ids)).long() for ids in examples]),
+        "labels": torch.stack([nn.functional.pad(lab, (0, longest - len(lab)), value=-100) for lab in labels]),
+    }
+    packed = {"input_ids": torch.cat(examples)[None], "labels": torch.cat(labels)[None],
+              "position_ids": torch.cat([torch.arange(n) for n in PACKED_LENGTHS])[None]}
+    autocast = torch.bfloat16 if device.type == "cuda" else None
+    steps = {}
+    for name, batch in (("padded", padded), ("packed", packed)):
+        model = build("b", base, base.config.num_hidden_layers).train()
+        batch = {k: v.to(device) for k, v in batch.items()}
+        steps[name] = train_step(model, batch, optimizer_for(model), device, autocast)
+    result = paired(steps["padded"], steps["packed"], device, pairs)
+    print(f"  packing {model_name}: padding-free / padded = {result['ratio']:.3f}", flush=True)
+    return [{"workload": "SFT step, mixed lengths", "model": model_name, "candidate": "ReFT (b) padding-free",
+             "baseline": "ReFT (b) padded", "target": 1.0, **result}]
+
+
 def peak_memory_child(model_name: str, kind: str, device_name: str) -> float:
     """Run in a fresh process: peak memory (MiB) of two training steps above the loaded model (CUDA: allocated
     memory; CPU: the process's peak resident set, reset before the steps)."""
@@ -426,6 +494,8 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="tiny model only, 4 pairs")
     parser.add_argument("--pairs", type=int, default=10)
+    parser.add_argument("--skip-compiled", action="store_true",
+                        help="leave out the torch.compile rows (inductor compiles for minutes on CPU)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results"))
     parser.add_argument("--memory-child", nargs=3, metavar=("MODEL", "KIND", "DEVICE"), help=argparse.SUPPRESS)
@@ -442,6 +512,9 @@ def main():
         rows += bench_training(model_name, device, dtype, pairs)
         rows += bench_components(model_name, device, dtype, pairs)
         rows += bench_generation(model_name, device, dtype, pairs)
+        rows += bench_packing(model_name, device, dtype, pairs)
+        if not args.skip_compiled:
+            rows += bench_compiled(model_name, device, dtype, pairs)
         rows += bench_memory(model_name, device)
     rows += bench_intervention([576] if args.quick else [576, 2048, 4096], pairs)
     rows.append(profile_host_syncs(device))

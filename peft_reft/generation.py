@@ -7,17 +7,17 @@ call only (per thread), sets the positions of each of those calls (`replace_call
 
 from __future__ import annotations
 
-import contextvars
 from typing import Any, Optional
 
 import torch
 from torch import nn
 
+from .call_state import CallState
 from .layer import call_positions, replace_call_positions
 from .positions import INTERVENTION_LOCATIONS, batch_tokens, expand_rows
 
 # the `generate` call in progress in this thread (its model-call hooks act only for it)
-_GENERATION: contextvars.ContextVar[Optional[object]] = contextvars.ContextVar("reft_generation", default=None)
+_GENERATION: CallState[object] = CallState("reft_generation")
 UNSUPPORTED = ("assistant_model", "prefill_chunk_size")
 # transformers' continuous batching: its scheduler runs the transformers model itself on requests flattened into one
 # row and fed in chunks, so no ReFT positions reach the layers
@@ -90,14 +90,12 @@ def generate(tuner: nn.Module, *args: Any, **kwargs: Any):
             tuner, prompt_positions if whole_sequence else {}, every_token, tokens, call_kwargs.get("attention_mask")
         ))
 
-    generation = _GENERATION.set(this_generation)
     handle = tuner.model.register_forward_pre_hook(enter_step, with_kwargs=True)
     try:
-        with call_positions({}):
+        with _GENERATION.bound(this_generation), call_positions({}):
             return tuner.model.generate(*args, **kwargs)
     finally:
         handle.remove()
-        _GENERATION.reset(generation)
 
 
 def step_positions(

@@ -10,7 +10,6 @@ directly) raises an error that says so.
 from __future__ import annotations
 
 import contextlib
-import contextvars
 from functools import partial
 from typing import Any, Iterator, Optional
 
@@ -19,18 +18,13 @@ from peft.tuners.tuners_utils import BaseTunerLayer
 from torch import nn
 
 from .architecture import component_module
+from .call_state import CallState
 from .config import ReftConfig
 from .interventions import build_intervention
 
 # adapter name -> LongTensor [batch, groups, P] of token indices (-1 = empty slot) for the call in progress;
 # {} = edit nothing in this call (e.g. a decode step of `generate`); unset = not inside a call of the PeftModel
-_CALL_POSITIONS: contextvars.ContextVar[Optional[dict[str, torch.Tensor]]] = contextvars.ContextVar(
-    "reft_call_positions", default=None
-)
-# the positions of the forward call whose checkpointed layer the backward pass is recomputing (see ReftLayer)
-_RECOMPUTE_POSITIONS: contextvars.ContextVar[Optional[dict[str, torch.Tensor]]] = contextvars.ContextVar(
-    "reft_recompute_positions", default=None
-)
+_CALL_POSITIONS: CallState[dict[str, torch.Tensor]] = CallState("reft_call_positions")
 
 MERGE_ERROR = (
     "ReFT adapters cannot be merged into the base model: the edit depends on the token position, so no weight change "
@@ -48,11 +42,8 @@ NO_POSITIONS_MESSAGE = (
 def call_positions(positions: dict[str, torch.Tensor]) -> Iterator[None]:
     """Make `positions` (adapter name -> `[batch, groups, P]` token indices) the positions of the ReFT layers that run
     inside this block, in this thread only; restored on exit."""
-    token = _CALL_POSITIONS.set(positions)
-    try:
+    with _CALL_POSITIONS.bound(positions):
         yield
-    finally:
-        _CALL_POSITIONS.reset(token)
 
 
 def replace_call_positions(positions: dict[str, torch.Tensor]) -> None:
@@ -61,10 +52,6 @@ def replace_call_positions(positions: dict[str, torch.Tensor]) -> None:
     if _CALL_POSITIONS.get() is None:
         raise RuntimeError("replace_call_positions() must run inside a call_positions(...) block.")
     _CALL_POSITIONS.set(positions)
-
-
-def _inside_backward() -> bool:
-    return torch._C._current_graph_task_id() != -1
 
 
 class ReftLayer(nn.Module, BaseTunerLayer):
@@ -76,9 +63,10 @@ class ReftLayer(nn.Module, BaseTunerLayer):
     of a call reach the layer through `call_positions` (set by `ReftModel` for the duration of that call).
 
     Attention / MLP outputs are edited by a forward hook on that submodule, inside the layer. Under gradient
-    checkpointing the layer's inside runs again during backward, after the call is over: a gradient hook on the
-    layer's output, created by the forward call and holding that call's positions, hands them to the backward pass
-    just before the recomputation, where the submodule hooks read them (only while a backward pass runs).
+    checkpointing the layer's inside runs again during backward, after the call is over: the layer's checkpoint
+    function (transformers' `_gradient_checkpointing_func`) is wrapped so that the function it checkpoints carries
+    the positions of its call, and runs with them in the forward pass and in the recomputation alike (see
+    `_CheckpointWithPositions`).
     """
 
     adapter_layer_names = ("reft_interventions",)
@@ -132,6 +120,9 @@ class ReftLayer(nn.Module, BaseTunerLayer):
         for handle in self._component_hooks.values():
             handle.remove()
         self._component_hooks.clear()
+        checkpoint = getattr(self.base_layer, "_gradient_checkpointing_func", None)
+        if isinstance(checkpoint, _CheckpointWithPositions):
+            self.base_layer._gradient_checkpointing_func = checkpoint.checkpoint
 
     def merge(self, *args: Any, **kwargs: Any) -> None:
         raise ValueError(MERGE_ERROR)
@@ -153,26 +144,30 @@ class ReftLayer(nn.Module, BaseTunerLayer):
 
     def forward(self, *args: Any, **kwargs: Any):
         edits = self._edits_of_this_call()
-        output = self.base_layer(*args, **kwargs)  # component edits happen inside, in the submodule hooks
-        if not self._component_hooks:  # every adapter of this layer edits the block output
+        components = self.reft_component
+        if all(component == "block_output" for component in components.values()):
+            output = self.base_layer(*args, **kwargs)
             return self._edit_output(output, edits) if edits else output
-        hidden = output[0] if isinstance(output, tuple) else output
-        if torch.is_grad_enabled() and hidden.requires_grad:
-            # a checkpointed layer recomputes its inside during backward: hand it this call's edits first
-            inner = {name: where for name, where in edits.items() if self.reft_component[name] != "block_output"}
-            hidden.register_hook(partial(_recompute_with, inner))
-        block = {name: where for name, where in edits.items() if self.reft_component[name] == "block_output"}
+        self._carry_positions_into_checkpoints()
+        output = self.base_layer(*args, **kwargs)  # component edits happen inside, in the submodule hooks
+        block = {name: where for name, where in edits.items() if components[name] == "block_output"}
         return self._edit_output(output, block) if block else output
+
+    def _carry_positions_into_checkpoints(self) -> None:
+        """Wrap the checkpoint function that transformers gives the layer (`gradient_checkpointing_enable` sets
+        `_gradient_checkpointing_func`, and may set a new one at any time) in `_CheckpointWithPositions`, once."""
+        checkpoint = getattr(self.base_layer, "_gradient_checkpointing_func", None)
+        if checkpoint is not None and not isinstance(checkpoint, _CheckpointWithPositions):
+            self.base_layer._gradient_checkpointing_func = _CheckpointWithPositions(checkpoint)
 
     def _edit_component(self, component: str, module: nn.Module, args: Any, output: Any):
         """Forward hook on the attention / MLP submodule: edit its output for the adapters editing `component`."""
-        if _CALL_POSITIONS.get() is None and _inside_backward():  # the recomputation of a checkpointed layer
-            edits = _RECOMPUTE_POSITIONS.get() or {}
-        else:
-            edits = self._edits_of_this_call()
-        edits = {name: where for name, where in edits.items() if self.reft_component.get(name) == component}
+        edits = {name: where for name, where in self._edits_of_this_call().items()
+                 if self.reft_component.get(name) == component}
         if not edits:
             return None
+        if torch.compiler.is_compiling():  # the compiled graph keeps what the backward needs
+            return self._edit_output(output, edits)
         # what the edit's backward needs (indices, the selected tokens) is kept, not left to a checkpoint to
         # recompute: a non-reentrant checkpoint then stops its recomputation where it stops without ReFT, before the
         # last matmul of the MLP (whose output only the edit would need), instead of running that matmul again
@@ -236,10 +231,28 @@ class ReftLayer(nn.Module, BaseTunerLayer):
         return "reft." + super().__repr__()
 
 
-def _recompute_with(positions: Optional[dict[str, torch.Tensor]], grad: torch.Tensor) -> None:
-    """Gradient hook on a layer's output: the backward pass is about to recompute that (checkpointed) layer, so its
-    attention / MLP hooks get the positions of the forward call that produced the output."""
-    _RECOMPUTE_POSITIONS.set(positions)
+class _CheckpointWithPositions:
+    """A layer's checkpoint function (`checkpoint(function, *args)`) whose checkpointed function runs with the
+    positions of the call that checkpointed it: in the forward pass, and again when the backward pass recomputes the
+    layer, after that call is over (both checkpoint flavours, several forward passes before their backward passes).
+
+    Under torch.compile the whole checkpoint is traced (the recomputation is part of the compiled graph) and the
+    positions are those of the traced call; a checkpoint that dynamo leaves to eager (a graph break inside the layer)
+    binds them as in eager mode.
+    """
+
+    def __init__(self, checkpoint: Any):
+        self.checkpoint = checkpoint
+
+    def __call__(self, function: Any, *args: Any, **kwargs: Any):
+        return self.checkpoint(partial(_run_with_positions, _CALL_POSITIONS.get(), function), *args, **kwargs)
+
+
+def _run_with_positions(positions: Optional[dict[str, torch.Tensor]], function: Any, *args: Any, **kwargs: Any):
+    if torch.compiler.is_compiling():
+        return function(*args, **kwargs)
+    with _CALL_POSITIONS.bound(positions):
+        return function(*args, **kwargs)
 
 
 def _kept(tensor: torch.Tensor) -> torch.Tensor:
@@ -276,7 +289,8 @@ class _AddAtTokens(torch.autograd.Function):
     def forward(ctx, hidden: torch.Tensor, index: torch.Tensor, deltas: torch.Tensor) -> torch.Tensor:
         ctx.save_for_backward(index)
         ctx.mark_dirty(hidden)
-        return hidden.scatter_add_(1, _token_index(index, hidden.shape[-1]), deltas)
+        hidden.scatter_add_(1, _token_index(index, hidden.shape[-1]), deltas)
+        return hidden  # the dirty input itself, as torch.compile requires of `mark_dirty`
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):

@@ -11,7 +11,6 @@ mixed call the hook does nothing.
 from __future__ import annotations
 
 import contextlib
-import contextvars
 from functools import lru_cache
 from typing import Any, Iterator, Optional, Sequence
 
@@ -20,6 +19,7 @@ from peft.tuners.lora import LoraLayer
 from peft.utils.other import AuxiliaryTrainingWrapper
 from torch import nn
 
+from .call_state import CallState
 from .positions import expand_rows
 
 BASE_ADAPTER = "__base__"  # in `adapter_names`: the example runs without any adapter
@@ -43,7 +43,7 @@ class MixedBatch:
         return [self._distinct[code] for code in expand_rows(self._codes, rows).tolist()]
 
 
-_MIXED_BATCH: contextvars.ContextVar[Optional[MixedBatch]] = contextvars.ContextVar("reft_mixed_batch", default=None)
+_MIXED_BATCH: CallState[MixedBatch] = CallState("reft_mixed_batch")
 
 
 def current_mixed_batch() -> Optional[MixedBatch]:
@@ -54,11 +54,8 @@ def current_mixed_batch() -> Optional[MixedBatch]:
 @contextlib.contextmanager
 def mixed_batch(adapter_names: Sequence[str]) -> Iterator[MixedBatch]:
     """Make `adapter_names` the per-example adapters of the calls inside this block, in this thread only."""
-    token = _MIXED_BATCH.set(MixedBatch(adapter_names))
-    try:
-        yield _MIXED_BATCH.get()
-    finally:
-        _MIXED_BATCH.reset(token)
+    with _MIXED_BATCH.bound(MixedBatch(adapter_names)) as batch:
+        yield batch
 
 
 def _adapter_names_hook(module: nn.Module, args: tuple, kwargs: dict[str, Any]):

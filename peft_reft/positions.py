@@ -79,10 +79,11 @@ def parse_positions(positions: str) -> PositionSpec:
 def _require(ok: torch.Tensor, message: str) -> None:
     """Raise `ValueError(message)` unless `ok` is all true, without a device-to-host copy on accelerators.
 
-    On CPU the check is a plain Python `if`. On an accelerator it is an asynchronous device-side assertion carrying
-    the same message, so a training step never waits for the device to validate a batch.
+    On CPU the check is a plain Python `if`. On an accelerator, and under torch.compile (where a Python `if` on a
+    tensor would break the graph), it is an asynchronous assertion carrying the same message (a RuntimeError), so a
+    training step never waits for the device to validate a batch.
     """
-    if ok.device.type == "cpu":
+    if ok.device.type == "cpu" and not torch.compiler.is_compiling():
         if not bool(ok.all()):
             raise ValueError(message)
     else:

@@ -298,3 +298,22 @@ def test_packing_that_cuts_sequences_is_refused_up_front(tokenizer, tmp_path, st
 def test_packing_with_all_positions_trains(tokenizer, tmp_path):
     data = Dataset.from_list([{"text": p + c} for p, c in PAIRS] * 4)
     assert_learns(train(tokenizer, tmp_path, data, reft_config(positions="all"), packing=True))
+
+
+@pytest.mark.parametrize("component", ["block_output", "mlp_output", "attention_output"])
+def test_torch_compile_trains_as_eager(tokenizer, tmp_path, component):
+    """SFTConfig(torch_compile=True) with gradient checkpointing: the compiled run's losses and trained interventions
+    are the eager run's (the aot_eager backend: what dynamo and AOT autograd capture, without inductor's code
+    generation; tests/test_compile.py runs inductor)."""
+    config = reft_config(component=component, init_weights=False)
+    runs = {}
+    compiled = {"torch_compile": True, "torch_compile_backend": "aot_eager"}
+    for name, options in {"eager": {}, "compiled": compiled}.items():
+        trainer = train(tokenizer, tmp_path / name, config=config, max_steps=4, gradient_checkpointing=True,
+                        gradient_checkpointing_kwargs={"use_reentrant": False}, **options)
+        runs[name] = (losses(trainer), _reft_parameters(trainer))
+    (eager_losses, eager_params), (compiled_losses, compiled_params) = runs["eager"], runs["compiled"]
+    assert len(eager_losses) == 4 and eager_losses[-1] < eager_losses[0]
+    torch.testing.assert_close(torch.tensor(compiled_losses), torch.tensor(eager_losses), rtol=1e-5, atol=1e-5)
+    for name, value in eager_params.items():
+        torch.testing.assert_close(compiled_params[name], value, rtol=1e-5, atol=1e-5)

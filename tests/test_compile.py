@@ -1,0 +1,144 @@
+"""torch.compile: a ReFT model traces to one graph (no graph break) in eval and in training, for every component and
+with gradient checkpointing; compiled training (`fullgraph=True`, both checkpoint flavours) gives eager's loss and
+gradients, and the loss of the independent reference; compiled generation (static cache) gives eager's tokens.
+
+Most cases use the `aot_eager` backend: it runs what dynamo and AOT autograd capture (the graph, the recomputation
+of checkpointed layers) without inductor's code generation, which takes a minute per model on CPU. One case runs
+inductor, the default backend."""
+
+import pytest
+import torch
+from conftest import padded_batch, tiny_model
+from peft import get_peft_model
+from reference import raw_params, reference_logits
+from transformers import CompileConfig
+
+from peft_reft import ReftConfig
+
+COMPONENTS = ["block_output", "mlp_output", "attention_output"]
+SUBMODULE = {"block_output": None, "mlp_output": "mlp", "attention_output": "self_attn"}
+
+
+@pytest.fixture(autouse=True)
+def _fresh_dynamo():
+    torch._dynamo.reset()
+    yield
+    torch._dynamo.reset()
+
+
+def _model(component, checkpointing=None, **kwargs):
+    """A tiny Llama with a trained-looking LoReFT adapter on its first two layers, in training mode."""
+    base = tiny_model(layers=3)
+    if checkpointing:
+        reentrant = checkpointing == "reentrant"
+        base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": reentrant})
+    config = {"layers": [0, 1], "positions": "f2+l2", "low_rank_dimension": 2, "init_weights": False, **kwargs}
+    model = get_peft_model(base, ReftConfig(component=component, **config))
+    torch.manual_seed(1)
+    with torch.no_grad():
+        for param in model.parameters():
+            if param.requires_grad:
+                param.normal_(0, 0.3)
+    return model.train()
+
+
+def _batch():
+    ids, mask = padded_batch([10, 7, 9], side="right", seed=4)
+    labels = torch.where((mask.cumsum(dim=1) > 4) & mask.bool(), ids, -100)  # 4 prompt tokens per row
+    return {"input_ids": ids, "attention_mask": mask, "labels": labels, "use_cache": False}
+
+
+def _step(model, call):
+    """Loss and every trainable parameter's gradient of one forward + backward through `call`."""
+    model.zero_grad()
+    loss = call(**_batch()).loss
+    loss.backward()
+    return loss.detach(), {name: p.grad for name, p in model.named_parameters() if p.requires_grad}
+
+
+@pytest.mark.parametrize("training", [False, True], ids=["eval", "train"])
+@pytest.mark.parametrize("checkpointing", [None, "non_reentrant"])
+@pytest.mark.parametrize("component", COMPONENTS)
+def test_the_forward_pass_is_one_graph(component, checkpointing, training):
+    model = _model(component, checkpointing).train(training)
+    if checkpointing:
+        # transformers' and peft's input-gradient hook (`enable_input_require_grads`, for reentrant checkpointing)
+        # breaks the graph of any adapter, LoRA's too; without it, nothing does
+        model.get_base_model().get_input_embeddings()._forward_hooks.clear()
+    explanation = torch._dynamo.explain(model)(**_batch())
+    assert (explanation.graph_count, explanation.graph_break_count) == (1, 0), explanation.break_reasons
+
+
+@pytest.mark.parametrize("checkpointing", [None, "non_reentrant", "reentrant"])
+@pytest.mark.parametrize("component", COMPONENTS)
+def test_compiled_training_equals_eager(component, checkpointing):
+    eager_loss, eager_grads = _step(model := _model(component, checkpointing), model)
+    model = _model(component, checkpointing)
+    if checkpointing:
+        model.get_base_model().get_input_embeddings()._forward_hooks.clear()  # see above; eager keeps it
+    compiled = torch.compile(model, backend="aot_eager", fullgraph=True)
+    for _ in range(2):  # the second step reuses the compiled graph
+        loss, grads = _step(model, compiled)
+        torch.testing.assert_close(loss, eager_loss, rtol=1e-5, atol=1e-6)
+        assert grads.keys() == eager_grads.keys()
+        for name, grad in grads.items():
+            assert grad is not None and grad.abs().sum() > 0, name  # every intervention trains
+            torch.testing.assert_close(grad, eager_grads[name], rtol=1e-4, atol=1e-6, msg=name)
+
+
+@pytest.mark.parametrize("checkpointing", ["non_reentrant", "reentrant"])
+def test_a_checkpoint_that_dynamo_leaves_to_eager_still_recomputes_the_edit(checkpointing):
+    """A graph break inside the checkpointed layer (here a hook on a norm; in practice e.g. data-dependent MoE
+    routing): dynamo compiles around the checkpoint and runs it eagerly, and its recomputation during backward, after
+    the call, must still edit the attention output."""
+
+    def model():
+        model = _model("attention_output", checkpointing)
+        for layer in model.get_base_model().model.layers:
+            layer.post_attention_layernorm.register_forward_hook(lambda m, a, o: (torch._dynamo.graph_break(), o)[1])
+        return model
+
+    compiled_model = model()
+    loss, grads = _step(compiled_model, torch.compile(compiled_model, backend="aot_eager"))  # before any eager run
+    eager_loss, eager_grads = _step(eager_model := model(), eager_model)
+    torch.testing.assert_close(loss, eager_loss, rtol=1e-5, atol=1e-6)
+    for name, grad in grads.items():
+        assert grad is not None and grad.abs().sum() > 0, name
+        torch.testing.assert_close(grad, eager_grads[name], rtol=1e-4, atol=1e-6, msg=name)
+
+
+@pytest.mark.parametrize("component", ["mlp_output"])
+def test_inductor_trains_a_checkpointed_component_edit_as_the_reference_says(component):
+    model = _model(component, "non_reentrant")
+    batch = _batch()
+    with torch.no_grad(), model.disable_adapter():
+        base = model.get_base_model()
+        expected = reference_logits(base, raw_params(model), "loreft", batch["input_ids"], batch["attention_mask"],
+                                    batch["labels"], 2, 2, share_weights=False,
+                                    submodule=SUBMODULE[component]).float()
+        unedited = base(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    eager_loss, eager_grads = _step(model, model)
+    loss, grads = _step(model, torch.compile(model))  # inductor
+    torch.testing.assert_close(loss, eager_loss, rtol=1e-5, atol=1e-5)
+    for name, grad in grads.items():
+        torch.testing.assert_close(grad, eager_grads[name], rtol=1e-4, atol=1e-5, msg=name)
+    with torch.no_grad():
+        logits = torch.compile(model)(**batch).logits
+    attended = batch["attention_mask"].bool()
+    torch.testing.assert_close(logits[attended], expected[attended], rtol=1e-4, atol=1e-4)
+    assert (logits[attended] - unedited[attended]).abs().max() > 1e-2  # the edit is there to be seen
+
+
+@pytest.mark.parametrize("positions", ["f2+l2", "all"])
+def test_compiled_generation_with_a_static_cache_gives_eager_tokens(positions):
+    model = _model("block_output", positions=positions, low_rank_dimension=4).eval()
+    ids, mask = padded_batch([10, 7, 9], side="left", seed=2)
+    options = {"input_ids": ids, "attention_mask": mask, "max_new_tokens": 6, "do_sample": False}
+    eager = model.generate(**options)
+    with model.disable_adapter():
+        assert not torch.equal(model.generate(**options), eager)  # the adapter changes the answer
+    compile_config = CompileConfig(backend="aot_eager", fullgraph=True)
+    compile_config._compile_all_devices = True  # transformers compiles generation on accelerators only by default
+    for _ in range(2):
+        compiled = model.generate(**options, cache_implementation="static", compile_config=compile_config)
+        assert torch.equal(compiled, eager)
