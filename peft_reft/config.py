@@ -34,6 +34,10 @@ class ReftConfig(PeftConfig):
     MLP, see `component`) is replaced by `intervention(h)`, e.g. LoReFT's `h + R^T (W h + b - R h)`. The base model
     stays frozen.
 
+    `ReftConfig()` with no arguments is LoReFT of rank 8 at every layer, on the first 7 and last 7 prompt tokens, one
+    intervention per layer for both windows: a configuration in which every intervention trains (see
+    `share_weights`), starting from the identity.
+
     Args:
         layers (`int`, `list[int]` or `"all"`):
             Indices into the model's stack of transformer layers (found automatically) at which to intervene.
@@ -51,7 +55,10 @@ class ReftConfig(PeftConfig):
             `"fN"`, `"lM"`, `"fN+lM"` (the first N and last M tokens of each prompt) or `"all"` (every attended token,
             including each generated token during `generate`). See `peft_reft.positions`.
         share_weights (`bool`):
-            With `"fN+lM"`: one intervention per layer for both windows (True) or one for each (False).
+            With `"fN+lM"`: one intervention per layer for both windows (True, the default) or one for each (False).
+            Shared by default because every intervention then trains: with separate weights, the first window's
+            intervention at the last layer edits only prompt outputs, which no loss reads, so it gets no gradient
+            (`get_peft_model` warns when a config does that). Sharing also halves the parameters.
         dropout (`float`):
             Dropout on the edit (not on the residual stream).
         act_fn (`str`, *optional*):
@@ -104,7 +111,7 @@ class ReftConfig(PeftConfig):
         metadata={"help": "Token positions: 'fN', 'lM', 'fN+lM' (first N / last M prompt tokens) or 'all'."},
     )
     share_weights: bool = field(
-        default=False,
+        default=True,
         metadata={"help": "With 'fN+lM': one intervention for both windows (True) or one per window (False)."},
     )
     dropout: float = field(default=0.0, metadata={"help": "Dropout probability on the edit (0 <= p < 1)."})

@@ -92,7 +92,7 @@ def test_components_match_reference_or_are_refused_by_name(arch, component):
 
 
 def _config(**kwargs):
-    return ReftConfig(**{"layers": [1, 2], "low_rank_dimension": 3, **kwargs})
+    return ReftConfig(**{"layers": [1, 2], "low_rank_dimension": 3, "share_weights": False, **kwargs})
 
 
 def test_layer_index_out_of_range():

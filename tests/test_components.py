@@ -20,7 +20,8 @@ SUBMODULES = {
 
 
 def _config(component, **kwargs):
-    defaults = {"layers": [1, 3], "low_rank_dimension": 3, "positions": "f2+l2", "init_weights": False}
+    defaults = {"layers": [1, 3], "low_rank_dimension": 3, "positions": "f2+l2", "share_weights": False,
+                "init_weights": False}
     return ReftConfig(component=component, **{**defaults, **kwargs})
 
 

@@ -14,7 +14,7 @@ def test_defaults():
     assert config.peft_type == PeftType.REFT
     assert config.task_type == "CAUSAL_LM"
     assert (config.layers, config.component, config.low_rank_dimension) == ("all", "block_output", 8)
-    assert (config.intervention, config.positions, config.share_weights) == ("loreft", "f7+l7", False)
+    assert (config.intervention, config.positions, config.share_weights) == ("loreft", "f7+l7", True)
     assert (config.dropout, config.act_fn, config.init_weights) == (0.0, None, True)
 
 

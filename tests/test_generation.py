@@ -11,6 +11,7 @@ NEW = 6
 
 
 def _model(positions="f2+l2", dtype=torch.float32, **kwargs):
+    kwargs = {"share_weights": False, **kwargs}
     config = ReftConfig(layers=[0, 2], low_rank_dimension=4, positions=positions, init_weights=False, **kwargs)
     torch.manual_seed(11)
     model = get_peft_model(tiny_model().to(dtype), config).eval()

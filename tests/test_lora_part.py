@@ -20,7 +20,7 @@ TARGETS = ("q_proj", "v_proj", "down_proj")
 def config(layers=(1, 2), lora_targets=TARGETS, **kwargs):
     lora = LoraConfig(r=4, lora_alpha=8, target_modules=list(lora_targets), init_lora_weights=False)
     return ReftConfig(**{"layers": list(layers), "low_rank_dimension": 2, "positions": "f1+l1",
-                         "init_weights": False, "lora_config": lora, **kwargs})
+                         "share_weights": False, "init_weights": False, "lora_config": lora, **kwargs})
 
 
 def lora_weights(peft_model, adapter="default"):

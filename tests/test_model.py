@@ -14,7 +14,8 @@ from peft_reft import ReftConfig, ReftLayer, ReftModel
 
 
 def _config(**kwargs):
-    kwargs = {"layers": [1, 2], "low_rank_dimension": 3, "positions": "f2+l2", "init_weights": False, **kwargs}
+    kwargs = {"layers": [1, 2], "low_rank_dimension": 3, "positions": "f2+l2", "share_weights": False,
+              "init_weights": False, **kwargs}
     return ReftConfig(**kwargs)
 
 
@@ -299,10 +300,21 @@ def test_target_and_exclude_modules_are_chosen_by_layers():
         get_peft_model(tiny_model(), _config(exclude_modules=["model.layers.1"]))
 
 
+def test_the_default_config_trains_every_intervention_without_a_warning():
+    with warnings.catch_warnings():
+        warnings.filterwarnings("error", message="ReFT: ")
+        model = get_peft_model(tiny_model(), ReftConfig())
+    batch = _batch()
+    model(**batch).loss.backward()
+    grads = {name: p.grad for name, p in model.named_parameters() if p.requires_grad}
+    assert len(grads) == 4 * 3  # one intervention per layer (shared windows): R, W and b
+    assert all(grad is not None and grad.abs().sum() > 0 for grad in grads.values()), grads
+
+
 def test_a_first_window_of_its_own_at_the_last_layer_is_dead_and_says_so():
     with pytest.warns(UserWarning, match=r"positions='f2\+l2' gives the first-window tokens an intervention of their "
                                          r"own at the last layer \(3\).*no gradient.*share_weights=True"):
-        model = get_peft_model(tiny_model(), _config(layers="all", positions="f2+l2", init_weights=False))
+        model = get_peft_model(tiny_model(), _config(layers="all", positions="f2+l2", share_weights=False))
     ids = _batch()["input_ids"]
     labels = ids.masked_fill(torch.arange(ids.shape[1]) < 4, -100)
     model(input_ids=ids, labels=labels).loss.backward()

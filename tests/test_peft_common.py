@@ -25,7 +25,7 @@ CONFIGS = {
     "noreft-mlp-all": {"intervention": "noreft", "component": "mlp_output", "positions": "all"},
     "nodireft-attention-all": {"intervention": "nodireft", "component": "attention_output", "positions": "all",
                                "modules_to_save": ["lm_head"]},
-    "shared-f1+l1-tokens": {"positions": "f1+l1", "share_weights": True, "trainable_token_indices": [0, 1, 2]},
+    "untied-f1+l1-tokens": {"positions": "f1+l1", "share_weights": False, "trainable_token_indices": [0, 1, 2]},
 }
 ARCHITECTURES = ["llama", "qwen2", "gpt2"]
 # name -> (peft's method, extra arguments, whether peft's decoder tests make the adapter non-identity first)
@@ -80,7 +80,7 @@ MERGES = ("merge_layers", "merge_layers_multi", "merge_layers_nan", "merge_layer
 UNLABELLED_TRAINING = ("training", "training_layer_indexing", "training_gradient_checkpointing_reentrant",
                        "training_gradient_checkpointing", "inference_safetensors", "unload_adapter",
                        "passing_input_embeds_works")
-PROMPT_POSITION_CONFIGS = ("defaults", "shared-f1+l1-tokens")
+PROMPT_POSITION_CONFIGS = ("defaults", "untied-f1+l1-tokens")
 HEAD_GETS_A_GRADIENT = "assert param.grad is None"  # the statement of peft's harness that fails, with no message
 # (method, config) -> the error expected instead of a pass (type, and a regex on its message or, for peft's bare
 # `assert`, the failing statement), and why. Every other case must pass.
@@ -127,7 +127,7 @@ class TestPeftCommon(PeftCommonTester):
         attention_mask = torch.tensor([[1, 1, 1], [1, 0, 1]]).to(self.torch_device)
         return {"input_ids": input_ids, "attention_mask": attention_mask}
 
-    @pytest.mark.filterwarnings("ignore:ReFT. positions=")  # the last layer's dead first window (defaults config)
+    @pytest.mark.filterwarnings("ignore:ReFT. positions=")  # the last layer's dead first window (untied config)
     @pytest.mark.parametrize("config_name", list(CONFIGS))
     @pytest.mark.parametrize("arch", ARCHITECTURES)
     @pytest.mark.parametrize("name", list(METHODS))

@@ -58,8 +58,9 @@ def test_bf16_sft_training_with_autocast(tokenizer, tmp_path):  # noqa: F811
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 def test_half_precision_forward_backward_and_generate(dtype):
-    model = get_peft_model(tiny_model().to(dtype), ReftConfig(layers=[1, 2], low_rank_dimension=3, positions="f2+l2",
-                                                             init_weights=False))
+    config = ReftConfig(layers=[1, 2], low_rank_dimension=3, positions="f2+l2", share_weights=False,
+                        init_weights=False)
+    model = get_peft_model(tiny_model().to(dtype), config)
     assert all(p.dtype == torch.float32 for p in _reft_params(model))
     ids, mask = padded_batch([6, 4], side="left", seed=1)
     labels = ids.clone()
@@ -69,8 +70,7 @@ def test_half_precision_forward_backward_and_generate(dtype):
     out.loss.backward()
     assert all(p.grad is not None and p.grad.dtype == torch.float32 for p in _reft_params(model))
     # the edit matches the float32 model's closely
-    reference = get_peft_model(tiny_model(), ReftConfig(layers=[1, 2], low_rank_dimension=3, positions="f2+l2",
-                                                        init_weights=False))
+    reference = get_peft_model(tiny_model(), config)
     reference.load_state_dict({k: v.float() for k, v in model.state_dict().items()})
     model.eval(), reference.eval()
     with torch.no_grad():

@@ -28,7 +28,7 @@ def base_dir(tmp_path_factory):
 def test_reft_trains_and_reloads_on_a_quantized_base(base_dir, tmp_path, bits):
     load = lambda: AutoModelForCausalLM.from_pretrained(base_dir, quantization_config=QUANTIZATION[bits]())  # noqa
     model = get_peft_model(load(), ReftConfig(layers=[1, 2], low_rank_dimension=4, positions="f2+l2",
-                                              init_weights=False))
+                                              share_weights=False, init_weights=False))
     assert type(model.base_model.model.model.layers[0].self_attn.q_proj).__name__ == LINEAR[bits]
     reft = [p for n, p in model.named_parameters() if p.requires_grad]
     assert reft and all(".reft_interventions." in n for n, p in model.named_parameters() if p.requires_grad)

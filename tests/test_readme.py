@@ -17,7 +17,7 @@ DOCS = [ROOT / "README.md", ROOT / "examples" / "README.md"]
 
 # how each Python snippet is recognised, and what its output must show
 SNIPPETS = {
-    "model.print_trainable_parameters()                # trainable params: 18,448": "trainable params: 18,448",
+    "model.print_trainable_parameters()                # trainable params: 9,224": "trainable params: 9,224",
     "peft_config=ReftConfig(layers=[8]": "train_loss",
     'task_type="SEQ_CLS"': "trainable params: 19,226",
     "lora_config=LoraConfig(": "trainable params: 2,460,688",

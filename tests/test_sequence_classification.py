@@ -41,7 +41,7 @@ def _model(arch, seed=0):
 
 def _config(**kwargs):
     defaults = {"task_type": "SEQ_CLS", "layers": [0, 2], "low_rank_dimension": 3, "positions": "f2+l2",
-                "init_weights": False}
+                "share_weights": False, "init_weights": False}
     return ReftConfig(**{**defaults, **kwargs})
 
 

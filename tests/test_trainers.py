@@ -24,8 +24,8 @@ REJECTED = [" I do not know", " Nobody", " Green", " Seven"]
 
 def config(**kwargs):
     # not the last layer: its first-window edit changes only prompt logits, which no loss reads
-    return ReftConfig(**{"layers": [0, 1], "low_rank_dimension": 2, "positions": "f1+l1", "init_weights": False,
-                         **kwargs})
+    return ReftConfig(**{"layers": [0, 1], "low_rank_dimension": 2, "positions": "f1+l1", "share_weights": False,
+                         "init_weights": False, **kwargs})
 
 
 def reft_parameters(model):

@@ -65,7 +65,8 @@ def multi_turn(repeat=4):
 
 
 def reft_config(**kwargs):
-    return ReftConfig(**{"layers": [0, 2], "low_rank_dimension": 4, "positions": "f2+l2", **kwargs})
+    return ReftConfig(**{"layers": [0, 2], "low_rank_dimension": 4, "positions": "f2+l2", "share_weights": False,
+                         **kwargs})
 
 
 def sft_args(tmp_path, **kwargs):
