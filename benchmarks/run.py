@@ -490,12 +490,18 @@ def plot(results, path):
     plt.close(fig)
 
 
+PER_MODEL = {"training": bench_training, "components": bench_components, "generation": bench_generation,
+             "packing": bench_packing, "compiled": bench_compiled}
+SECTIONS = (*PER_MODEL, "memory", "intervention", "profile")
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="tiny model only, 4 pairs")
     parser.add_argument("--pairs", type=int, default=10)
     parser.add_argument("--skip-compiled", action="store_true",
                         help="leave out the torch.compile rows (inductor compiles for minutes on CPU)")
+    parser.add_argument("--only", default=None, help=f"comma-separated sections to run, of {','.join(SECTIONS)}")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results"))
     parser.add_argument("--memory-child", nargs=3, metavar=("MODEL", "KIND", "DEVICE"), help=argparse.SUPPRESS)
@@ -507,17 +513,23 @@ def main():
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     pairs = 4 if args.quick else args.pairs
     models = ["tiny"] if args.quick else ["tiny", "smollm2"]
+    sections = set(SECTIONS) if args.only is None else set(args.only.split(","))
+    unknown = sections - set(SECTIONS)
+    if unknown:
+        parser.error(f"--only: unknown section(s) {sorted(unknown)}; choose from {','.join(SECTIONS)}")
+    if args.skip_compiled:
+        sections.discard("compiled")
     rows = []
     for model_name in models:
-        rows += bench_training(model_name, device, dtype, pairs)
-        rows += bench_components(model_name, device, dtype, pairs)
-        rows += bench_generation(model_name, device, dtype, pairs)
-        rows += bench_packing(model_name, device, dtype, pairs)
-        if not args.skip_compiled:
-            rows += bench_compiled(model_name, device, dtype, pairs)
-        rows += bench_memory(model_name, device)
-    rows += bench_intervention([576] if args.quick else [576, 2048, 4096], pairs)
-    rows.append(profile_host_syncs(device))
+        for section, bench in PER_MODEL.items():
+            if section in sections:
+                rows += bench(model_name, device, dtype, pairs)
+        if "memory" in sections:
+            rows += bench_memory(model_name, device)
+    if "intervention" in sections:
+        rows += bench_intervention([576] if args.quick else [576, 2048, 4096], pairs)
+    if "profile" in sections:
+        rows.append(profile_host_syncs(device))
     import peft
     import transformers
 

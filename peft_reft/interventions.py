@@ -64,7 +64,8 @@ class OrthonormalRotation(nn.Module):
 
     A frozen `weight` (an adapter loaded for inference) gets R computed once per value and reused; the cache is keyed
     on the tensor's identity and version, which `load_state_dict` and other in-place copies bump. A trainable weight
-    is orthonormalised on every call: fused optimizers update parameters without bumping their version.
+    is orthonormalised on every call: fused optimizers update parameters without bumping their version. Under
+    torch.compile R is computed in the graph (a cache keyed on a tensor's address cannot be traced).
     """
 
     def __init__(self, hidden_size: int, rank: int):
@@ -75,7 +76,7 @@ class OrthonormalRotation(nn.Module):
         self._cache: tuple | None = None
 
     def forward(self) -> torch.Tensor:
-        if self.weight.requires_grad:
+        if self.weight.requires_grad or torch.compiler.is_compiling():  # compiled: R is part of the graph
             return orthonormal_rows(self.weight)
         # an R computed under torch.inference_mode() cannot enter a graph that autograd records later: keyed apart
         inference = torch.is_inference_mode_enabled()

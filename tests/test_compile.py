@@ -9,7 +9,7 @@ inductor, the default backend."""
 import pytest
 import torch
 from conftest import padded_batch, tiny_model
-from peft import get_peft_model
+from peft import PeftModel, get_peft_model
 from reference import raw_params, reference_logits
 from transformers import CompileConfig
 
@@ -67,6 +67,21 @@ def test_the_forward_pass_is_one_graph(component, checkpointing, training):
         model.get_base_model().get_input_embeddings()._forward_hooks.clear()
     explanation = torch._dynamo.explain(model)(**_batch())
     assert (explanation.graph_count, explanation.graph_break_count) == (1, 0), explanation.break_reasons
+
+
+def test_a_frozen_adapter_compiles_to_one_graph_with_eager_logits(tmp_path):
+    """An adapter loaded for inference is frozen (its R is cached between eager calls, computed in the graph when
+    compiled)."""
+    _model("mlp_output").save_pretrained(tmp_path)
+    model = PeftModel.from_pretrained(tiny_model(layers=3), tmp_path).eval()
+    assert not any(p.requires_grad for p in model.parameters())
+    batch = {k: v for k, v in _batch().items() if k != "labels"}
+    with torch.no_grad():
+        explanation = torch._dynamo.explain(model)(**batch)
+        assert (explanation.graph_count, explanation.graph_break_count) == (1, 0), explanation.break_reasons
+        eager = model(**batch).logits
+        compiled = torch.compile(model, backend="aot_eager", fullgraph=True)(**batch).logits
+    torch.testing.assert_close(compiled, eager, rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize("checkpointing", [None, "non_reentrant", "reentrant"])
