@@ -28,7 +28,8 @@ def main():
         num_key_value_heads=2, initializer_range=0.2,
     ))
     torch.manual_seed(100 + rank)  # a different adapter init on each rank
-    model = get_peft_model(base, ReftConfig(layers=[0, 2], low_rank_dimension=4, positions="f3+l3", init_weights=False))
+    model = get_peft_model(base, ReftConfig(layers=[0, 2], low_rank_dimension=4, share_weights=False,
+                                            positions="f3+l3", init_weights=False))
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2, weight_decay=0.1)
     model, optimizer = accelerator.prepare(model, optimizer)
     initial = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}

@@ -27,8 +27,8 @@ def main():
         vocab_size=97, hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=4,
         num_key_value_heads=2, initializer_range=0.2,
     ))
-    model = get_peft_model(base, ReftConfig(layers=[0, 2], low_rank_dimension=4, positions="f2+l2",
-                                            init_weights=False))
+    model = get_peft_model(base, ReftConfig(layers=[0, 2], low_rank_dimension=4, share_weights=False,
+                                            positions="f2+l2", init_weights=False))
     if distributed:
         from torch.distributed.fsdp import fully_shard
 

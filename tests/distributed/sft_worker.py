@@ -97,7 +97,8 @@ def main():
         assert partitioned.numel() == 0 and partitioned.ds_numel == 32 * 32  # ZeRO-3 partitioned it at construction
     lora = LoraConfig(r=2, target_modules=["q_proj", "v_proj"]) if "lora" in options else None  # ReFT + LoRA
     # f7+l7 is longer than most prompts: empty slots
-    config = ReftConfig(layers=[0, 2], low_rank_dimension=4, positions="f7+l7", lora_config=lora,
+    config = ReftConfig(layers=[0, 2], low_rank_dimension=4, share_weights=False, positions="f7+l7",
+                        lora_config=lora,
                         intervention=settings.get("intervention", "loreft"),
                         component=settings.get("component", "block_output"))
     trainer = SFTTrainer(model=model, args=args, train_dataset=dataset(), processing_class=tokenizer,
