@@ -255,13 +255,14 @@ def packed_sequences(batch: Mapping[str, Any]) -> Sequences:
 
 def sequences_per_row(batch: Mapping[str, Any], seq_len: int) -> int:
     """The most sequences a row of the batch can hold, known on the host: 1 for padded rows; for packed rows, what
-    TRL's collator says (`cu_seq_lens_q`, a CPU tensor), or what CPU `position_ids` show, else `seq_len`."""
+    TRL's collator says (`cu_seq_lens_q`, a CPU tensor), or what CPU `position_ids` show (not under torch.compile,
+    where reading them would break the graph), else `seq_len`."""
     if batch.get("attention_mask") is not None or batch.get("position_ids") is None:
         return 1
     boundaries = batch.get("cu_seq_lens_q")
     if isinstance(boundaries, torch.Tensor) and boundaries.device.type == "cpu":
         return max(1, boundaries.numel() - 1)
-    if batch["position_ids"].device.type == "cpu":
+    if batch["position_ids"].device.type == "cpu" and not torch.compiler.is_compiling():
         ids = packed_sequences(batch).ids
         return 1 if ids is None else int(ids.amax()) + 1
     return seq_len

@@ -30,8 +30,9 @@ def test_each_thread_sees_its_own_value():
 
     def work(name):
         with state.bound(name):
-            inside.wait()  # both threads are inside their blocks at once
+            inside.wait()  # both threads are inside their blocks at once ...
             seen[name] = state.get()
+            inside.wait()  # ... until both have read
 
     threads = [threading.Thread(target=work, args=(name,)) for name in ("a", "b")]
     for thread in threads:

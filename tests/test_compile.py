@@ -69,6 +69,30 @@ def test_the_forward_pass_is_one_graph(component, checkpointing, training):
     assert (explanation.graph_count, explanation.graph_break_count) == (1, 0), explanation.break_reasons
 
 
+def test_a_packed_row_is_one_graph_and_trains_as_eager():
+    """Two sequences in one row (TRL's padding-free layout: position_ids restarting, no attention mask)."""
+    ids = torch.randint(3, 90, (1, 20), generator=torch.Generator().manual_seed(0))
+    labels = ids.clone()
+    labels[0, :4] = -100  # the first sequence's prompt (tokens 0-3) ...
+    labels[0, 8:13] = -100  # ... and the second's (tokens 8-12)
+    batch = {"input_ids": ids, "position_ids": torch.cat([torch.arange(8), torch.arange(12)])[None], "labels": labels}
+    model = _model("block_output")
+    explanation = torch._dynamo.explain(model)(**batch)
+    assert (explanation.graph_count, explanation.graph_break_count) == (1, 0), explanation.break_reasons
+    torch._dynamo.reset()
+    results = []
+    for call in (model, torch.compile(model, backend="aot_eager", fullgraph=True)):
+        model.zero_grad()
+        loss = call(**batch).loss
+        loss.backward()
+        results.append((loss.detach(), [p.grad.clone() for p in model.parameters() if p.requires_grad]))
+    (eager_loss, eager_grads), (loss, grads) = results
+    torch.testing.assert_close(loss, eager_loss, rtol=1e-5, atol=1e-6)
+    for grad, eager_grad in zip(grads, eager_grads):
+        assert grad.abs().sum() > 0
+        torch.testing.assert_close(grad, eager_grad, rtol=1e-4, atol=1e-6)
+
+
 def test_a_frozen_adapter_compiles_to_one_graph_with_eager_logits(tmp_path):
     """An adapter loaded for inference is frozen (its R is cached between eager calls, computed in the graph when
     compiled)."""
