@@ -4,6 +4,9 @@ Importing this package registers the `REFT` tuner type with peft, so that `peft.
 `PeftModel.from_pretrained` and TRL's `SFTTrainer(peft_config=ReftConfig(...))` work with ReFT adapters.
 """
 
+import importlib
+
+from .autoload import after_import
 from .collator import ReftDataCollator
 from .config import ReftConfig
 from .interventions import INTERVENTIONS, ConsReFT, DiReFT, LoBiReFT, LoReFT, NoDiReFT, NoReFT
@@ -14,6 +17,8 @@ from .pyreft_import import from_pyreft
 from .registration import register
 
 register(ReftConfig, ReftModel)
+# plain lm-eval refuses what it would score wrongly (see peft_reft.lm_eval), whichever of the two is imported first
+after_import("lm_eval.models.huggingface", lambda _module: importlib.import_module("peft_reft.lm_eval"))
 
 __version__ = "0.1.0"
 
