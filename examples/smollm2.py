@@ -49,3 +49,25 @@ def load_smollm2(dtype=None):
     path = smollm2_path()
     model = AutoModelForCausalLM.from_pretrained(path, **({"dtype": dtype} if dtype else {}))
     return model, AutoTokenizer.from_pretrained(path)
+
+
+def main(argv=None) -> None:
+    """`python examples/smollm2.py [--link FOLDER]`: convert once, print the checkpoint's folder, and optionally make
+    FOLDER a link to it (a path that tools taking a model folder, e.g. lm-eval's `pretrained=`, can be given)."""
+    import argparse
+
+    parser = argparse.ArgumentParser(description=main.__doc__)
+    parser.add_argument("--link", help="create this symbolic link to the converted checkpoint")
+    args = parser.parse_args(argv)
+    path = smollm2_path()
+    if args.link:
+        link = Path(args.link)
+        link.parent.mkdir(parents=True, exist_ok=True)
+        if link.is_symlink():
+            link.unlink()
+        link.symlink_to(path, target_is_directory=True)
+    print(path)
+
+
+if __name__ == "__main__":
+    main()

@@ -22,6 +22,7 @@ SNIPPETS = {
     'task_type="SEQ_CLS"': "trainable params: 19,226",
     "lora_config=LoraConfig(": "trainable params: 2,460,688",
     "explanation = torch._dynamo.explain(model)": "graphs 1 graph breaks 0",
+    "ReftHFLM(pretrained=model": "'acc,none':",
 }
 # extra flags that make a documented command smoke-sized (appended; the command itself is run as written)
 SMOKE_FLAGS = {
@@ -82,6 +83,20 @@ def write_data(folder: Path) -> None:
         (folder / name).write_text("\n".join(json.dumps(r) for r in rows))
 
 
+def save_adapter_and_link(outputs: Path) -> None:
+    """`outputs/smollm2` (a link to the SmolLM2 checkpoint), `outputs/reft-adapter` (the README adapter, untrained)."""
+    sys.path.insert(0, str(ROOT / "examples"))
+    from peft import get_peft_model
+    from smollm2 import load_smollm2, smollm2_path
+
+    from peft_reft import ReftConfig
+
+    outputs.mkdir(exist_ok=True)
+    (outputs / "smollm2").symlink_to(smollm2_path(), target_is_directory=True)
+    model = get_peft_model(load_smollm2()[0], ReftConfig(layers=[8], low_rank_dimension=4, positions="f1+l5"))
+    model.save_pretrained(outputs / "reft-adapter")
+
+
 def _run(argv, cwd, timeout=900):
     """Run `argv`; return its stdout. Fails on a non-zero exit or on a warning raised by peft_reft itself."""
     result = subprocess.run(argv, cwd=cwd, capture_output=True, text=True, env=env(), timeout=timeout)
@@ -138,6 +153,8 @@ def test_readme_command_runs(command, tmp_path):
         out = _run(argv, tmp_path)
         assert (tmp_path / "quickstart" / "adapter_model.safetensors").exists(), out[-2000:]
         return
+    if "peft_reft.lm_eval" in argv:  # what the README's earlier steps leave: the SmolLM2 link and a saved adapter
+        save_adapter_and_link(tmp_path / "outputs")
     argv[0] = sys.executable if argv[0] == "python" else console_script(argv[0])
     if script is not None and "--help" not in argv:
         argv += SMOKE_FLAGS[script]
@@ -162,12 +179,24 @@ def test_readme_command_runs(command, tmp_path):
         assert {"adapter_model.safetensors", "loss.png"} <= written
     elif script == "examples/compare_lora.py":
         results = json.loads(next(tmp_path.glob("outputs/compare_lora/compare_lora.json")).read_text())
-        assert list(results) == ["emoji", "sentiment"] and all(len(rows) == 5 for rows in results.values())
+        assert list(results) == ["emoji", "sentiment", "arithmetic"]
+        assert [len(rows) for rows in results.values()] == [5, 2, 2]  # --quick: all methods on the first task only
+        assert all(row["held_out"] == 4 and row["ci95"][0] <= row["score"] <= row["ci95"][1]
+                   for rows in results.values() for row in rows)
         trainable = [row["trainable"] for row in results["emoji"]]
         # LoRA r8 all-linear, the ReFT recipes, and ReFT + LoRA (the quickstart recipe's + LoRA r8 all-linear's)
         assert trainable == [2_442_240, 18_448, 276_720, 276_720, 18_448 + 2_442_240], trainable
-        assert "| sentiment | LoReFT, paper recipe |" in out
-        assert "| emoji | LoReFT + LoRA r8, quickstart recipe |" in out
+        assert "| sentiment (4 items) | LoReFT, quickstart recipe |" in out
+        assert "| emoji (4 items) | LoReFT + LoRA r8, quickstart recipe |" in out
+        assert "| arithmetic (4 items) | LoRA r8, all linear |" in out
         assert (tmp_path / "outputs" / "compare_lora" / "compare_lora.png").exists()
+    elif "peft_reft.lm_eval" in argv:
+        [results] = list((tmp_path / "outputs" / "lm_eval").rglob("results_*.json"))
+        accuracy = json.loads(results.read_text())["results"]["reft_sentiment"]["acc,none"]
+        assert 0 <= accuracy <= 1 and "|reft_sentiment|" in out.replace(" ", ""), out[-2000:]
+        [samples] = list((tmp_path / "outputs" / "lm_eval").rglob("samples_reft_sentiment_*.jsonl"))
+        assert len(samples.read_text().splitlines()) == 128
+    elif "--link" in argv:
+        assert (tmp_path / "outputs" / "smollm2" / "config.json").exists() and out.strip().endswith("instruct")
     elif script == "examples/classification.py":
         assert re.search(r"Test accuracy, ReFT \+ linear head: +[0-9.]+", out), out[-2000:]
