@@ -165,7 +165,8 @@ def wilson_interval(successes: float, total: int, z: float = 1.96) -> tuple[floa
     share = successes / total
     centre = (share + z * z / (2 * total)) / (1 + z * z / total)
     half = z * math.sqrt(share * (1 - share) / total + z * z / (4 * total * total)) / (1 + z * z / total)
-    return max(0.0, centre - half), min(1.0, centre + half)
+    # rounding can put a bound a hair past the share itself (e.g. 128 of 128): the interval always holds the share
+    return max(0.0, min(share, centre - half)), min(1.0, max(share, centre + half))
 
 
 def resident_peak_kib(reset: bool = False) -> int:
@@ -246,7 +247,8 @@ def plot(results: dict, path: Path):
             values = [r[key] / (rows[0][key] if key == "step_s" else 1) for r in rows]
             errors = None
             if key == "score":  # asymmetric error bars from the Wilson intervals
-                errors = [[r["score"] - r["ci95"][0] for r in rows], [r["ci95"][1] - r["score"] for r in rows]]
+                errors = [[max(0.0, r["score"] - r["ci95"][0]) for r in rows],
+                          [max(0.0, r["ci95"][1] - r["score"]) for r in rows]]
             ax.bar([i + width * offset for i in range(len(rows))], values, width=width, label=task, yerr=errors,
                    capsize=2)
         ax.set_xticks([i + 0.4 - width / 2 for i in range(len(methods))], [m.replace(", ", "\n") for m in methods],
