@@ -10,7 +10,9 @@ A process that never imports peft pays for one finder lookup per import, nothing
 skips it; `import peft_reft` then registers as before.
 
 The same mechanism (`after_import`) lets peft_reft act when an integration's module is imported, whichever is imported
-first (see `peft_reft.lm_eval`). Nothing here reads files or runs code from them: it imports installed modules only.
+first (see `peft_reft.lm_eval`); `before_import` runs code right before a module executes, which `install` uses to let
+transformers and vLLM start where torch add-ons cannot load (`hide_unloadable`). Nothing here reads files or runs
+code from them: it imports installed modules only.
 This file uses the standard library only, since it runs in every interpreter of the environment.
 """
 
@@ -23,6 +25,7 @@ import warnings
 from typing import Callable
 
 _CALLBACKS: dict[str, list[Callable]] = {}
+_BEFORE: dict[str, list[Callable]] = {}
 _LOCK = threading.RLock()
 
 
@@ -35,6 +38,16 @@ def after_import(name: str, callback: Callable) -> None:
             _call(name, callback, module)
             return
         _CALLBACKS.setdefault(name, []).append(callback)
+        if not any(isinstance(finder, _AfterImportFinder) for finder in sys.meta_path):
+            sys.meta_path.insert(0, _AfterImportFinder())
+
+
+def before_import(name: str, callback: Callable) -> None:
+    """Call `callback()` once, right before module `name` is executed (never, if it already was)."""
+    with _LOCK:
+        if name in sys.modules:
+            return
+        _BEFORE.setdefault(name, []).append(callback)
         if not any(isinstance(finder, _AfterImportFinder) for finder in sys.meta_path):
             sys.meta_path.insert(0, _AfterImportFinder())
 
@@ -57,6 +70,10 @@ class _RunCallbacksLoader(importlib.abc.Loader):
         return self._loader.create_module(spec)
 
     def exec_module(self, module) -> None:
+        with _LOCK:
+            before = _BEFORE.pop(self._name, [])
+        for callback in before:
+            _call(self._name, lambda _module: callback(), module)
         module.__loader__ = module.__spec__.loader = self._loader  # the module keeps its real loader
         self._loader.exec_module(module)
         with _LOCK:
@@ -69,7 +86,7 @@ class _AfterImportFinder(importlib.abc.MetaPathFinder):
     """Finds nothing itself: for a watched module, asks the finders after it and wraps the loader they return."""
 
     def find_spec(self, fullname, path=None, target=None):
-        if fullname not in _CALLBACKS:
+        if fullname not in _CALLBACKS and fullname not in _BEFORE:
             return None
         for finder in sys.meta_path[sys.meta_path.index(self) + 1:]:
             find_spec = getattr(finder, "find_spec", None)
@@ -85,6 +102,61 @@ def _register_tuner(_peft_module) -> None:
     import peft_reft  # noqa: F401  (importing it registers the REFT tuner type with peft)
 
 
+# torch add-ons that vLLM's CPU wheel requires and that PyPI builds for CUDA torch only: beside a CPU torch they fail
+# to load (`operator torchvision::nms does not exist`), which stops transformers' and vLLM's imports
+TORCH_ADDONS = ("torchvision", "torchaudio", "torchcodec")
+
+
+def _cpu_torch_with_pypi_addons(names) -> list[str]:
+    """The add-ons of `names` that may not load: installed without a `+cpu` build tag beside a CPU build of torch
+    (read from installed metadata: nothing is imported)."""
+    from importlib import metadata
+
+    try:
+        if not metadata.version("torch").endswith("+cpu"):
+            return []
+    except metadata.PackageNotFoundError:
+        return []
+    suspects = []
+    for name in names:
+        try:
+            if not metadata.version(name).endswith("+cpu"):
+                suspects.append(name)
+        except metadata.PackageNotFoundError:
+            continue
+    return suspects
+
+
+def hide_unloadable(names=TORCH_ADDONS) -> list[str]:
+    """Beside a CPU build of torch, try to import each add-on of `names` installed as a build for another torch; one
+    that fails to load is removed from this process (`sys.modules[name] = None`: `find_spec` then reports it missing
+    and its import raises ImportError), with a warning that says so. Returns the names hidden."""
+    import importlib
+
+    hidden = []
+    for name in _cpu_torch_with_pypi_addons(names):
+        if name in sys.modules:
+            continue
+        try:
+            importlib.import_module(name)
+        except Exception as error:  # a binary built for another torch: OSError, RuntimeError, ...
+            for loaded in [m for m in sys.modules if m == name or m.startswith(name + ".")]:
+                del sys.modules[loaded]
+            sys.modules[name] = None
+            hidden.append(name)
+            first_line = str(error).splitlines()[0] if str(error) else ""
+            warnings.warn(
+                f"peft-reft: {name} is installed but does not load with this torch ({type(error).__name__}: "
+                f"{first_line}); it is hidden from this process so that transformers and vLLM can run text models. "
+                f"Install a {name} build made for your torch to use it.",
+                stacklevel=2,
+            )
+    return hidden
+
+
 def install() -> None:
-    """The start-up hook (`peft_reft_autoload.pth`): import peft_reft as soon as peft is imported."""
+    """The start-up hook (`peft_reft_autoload.pth`): import peft_reft as soon as peft is imported; before transformers
+    or vLLM is imported, hide torch add-ons that cannot load (`hide_unloadable`)."""
     after_import("peft", _register_tuner)
+    before_import("transformers", hide_unloadable)
+    before_import("vllm", hide_unloadable)

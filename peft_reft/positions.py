@@ -172,14 +172,37 @@ def group_map_from_prompt(
     """Group map `[B, L]` for the first/last windows of each sequence's prompt tokens (`prompt`: bool `[B, L]`; a row
     holds one sequence unless `sequences` says otherwise)."""
     sequences = sequences or Sequences()
-    count = sequences.count(prompt)
-    rank = sequences.rank(prompt) - 1
+    rank = torch.where(prompt, sequences.rank(prompt) - 1, -1)
+    return prompt_window_groups(rank, sequences.count(prompt), spec, share_weights)
+
+
+def prompt_window_groups(
+    rank: torch.Tensor, count: torch.Tensor, spec: PositionSpec, share_weights: bool
+) -> torch.Tensor:
+    """The position rule for `fN` / `lM` windows: per token, the group that edits the prompt token of index `rank`
+    (from 0) in a prompt of `count` tokens, or -1 (also for `rank` outside `[0, count)`: not a prompt token). Both
+    are integer tensors that broadcast. Batches (`group_map_from_prompt`) and serving engines
+    (`request_token_groups`) both place their edits with this function."""
     first = torch.minimum(torch.full_like(count, spec.first), torch.maximum((count + 1) // 2, count - spec.last))
     last = torch.minimum(torch.full_like(count, spec.last), count - first)
     last_group = spec.num_groups(share_weights) - 1
-    group_map = torch.full_like(rank, -1)
-    group_map = torch.where(prompt & (rank >= count - last), last_group, group_map)
-    return torch.where(prompt & (rank < first), 0, group_map)
+    in_prompt = (rank >= 0) & (rank < count)
+    groups = torch.where(in_prompt & (rank >= count - last), last_group, -1)
+    return torch.where(in_prompt & (rank < first), 0, groups)
+
+
+def request_token_groups(
+    spec: PositionSpec, share_weights: bool, position: torch.Tensor, prompt_length: torch.Tensor
+) -> torch.Tensor:
+    """Per token of a request served one chunk or one decode step at a time (a serving engine): the group that edits
+    the token at absolute `position` (from 0) of a request whose prompt has `prompt_length` tokens, or -1.
+
+    The windows come from the whole prompt's length, whatever chunk of it a step computes, so chunked prefill and a
+    prompt recomputed after preemption edit the tokens that a single pass over the prompt edits; `"all"` edits every
+    token, prompt and generated alike (as `generate` does)."""
+    if spec.all:
+        return torch.zeros_like(position)
+    return prompt_window_groups(position, prompt_length, spec, share_weights)
 
 
 def group_map_from_locations(locations: torch.Tensor, num_groups: int, batch_size: int, seq_len: int) -> torch.Tensor:

@@ -1,0 +1,276 @@
+"""Serving with vLLM: the tokens of `PeftModel.generate`, refusals, prefix caching.
+
+Tiny random Llama and Qwen2 models (SmolLM2's tokenizer) and ReFT adapters are saved to a temporary folder; reference
+tokens come from `PeftModel.from_pretrained(...).generate` (greedy, float32) in this process; vLLM runs in its own
+process (`tests/vllm_engine.py`). Needs vLLM (`make test` runs this module in its vLLM environment, where a missing
+vLLM is an error, not a skip).
+"""
+
+import json
+import logging
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+if os.environ.get("PEFT_REFT_REQUIRE_VLLM") != "1":
+    pytest.importorskip("vllm", reason="vLLM is not installed here; `make test` runs this module with vLLM")
+
+from peft import LoraConfig, PeftModel, get_peft_model  # noqa: E402
+from transformers import AutoModelForCausalLM, AutoTokenizer, GPT2Config, LlamaConfig, Qwen2Config  # noqa: E402
+
+from peft_reft import ReftConfig  # noqa: E402
+
+ENGINE_SCRIPT = Path(__file__).with_name("vllm_engine.py")
+NEW_TOKENS = 12
+# one adapter per intervention type; every position form; several layers; all three components
+LLAMA_ADAPTERS = {
+    "loreft_f2l2": dict(intervention="loreft", layers=[0, 2], positions="f2+l2", share_weights=False),
+    "noreft_l3_mlp": dict(intervention="noreft", layers=[1, 3], positions="l3", component="mlp_output"),
+    "nodireft_all_attn": dict(intervention="nodireft", layers=[1], positions="all", component="attention_output"),
+    "consreft_f3": dict(intervention="consreft", layers="all", positions="f3"),
+    "lobireft_f2l2_tied": dict(intervention="lobireft", layers=[2], positions="f2+l2"),
+    "direft_f5l5": dict(intervention="direft", layers=[0, 3], positions="f5+l5", act_fn="relu"),
+}
+QWEN2_ADAPTERS = {
+    "loreft_f2l2": dict(intervention="loreft", layers=[0, 1], positions="f2+l2", share_weights=False),
+    "nodireft_all": dict(intervention="nodireft", layers=[1], positions="all"),
+}
+PROMPT_LENGTHS = (1, 3, 6, 11, 40, 70)  # 1 and 3: shorter than the windows
+LONG = 100  # prefix caching: three full blocks of 32 before the last-3 window
+
+
+def smollm2_tokenizer():
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples"))
+    from smollm2 import smollm2_path
+
+    return AutoTokenizer.from_pretrained(smollm2_path())
+
+
+def save_base(folder: Path, arch: str, tokenizer, hidden: int = 64, layers: int = 4) -> Path:
+    classes = {"llama": LlamaConfig, "qwen2": Qwen2Config}
+    config = classes[arch](
+        vocab_size=len(tokenizer), hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=layers,
+        num_attention_heads=2, num_key_value_heads=1, initializer_range=0.2, max_position_embeddings=256,
+        pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id, bos_token_id=tokenizer.bos_token_id,
+        tie_word_embeddings=False,
+    )
+    torch.manual_seed(0)
+    AutoModelForCausalLM.from_config(config).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
+def save_adapter(base: Path, folder: Path, seed: int = 1, **config) -> Path:
+    """A ReFT adapter with random weights, large enough to change greedy tokens."""
+    torch.manual_seed(seed)
+    model = get_peft_model(AutoModelForCausalLM.from_pretrained(base), ReftConfig(init_weights=False, **config))
+    with torch.no_grad():
+        for parameter in model.parameters():
+            if parameter.requires_grad:
+                parameter.mul_(3.0)
+    model.save_pretrained(folder)
+    return folder
+
+
+def reference_tokens(base: Path, adapter: Path | None, prompts: list[list[int]]) -> list[list[int]]:
+    model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32).eval()
+    if adapter is not None:
+        model = PeftModel.from_pretrained(model, adapter).eval()
+    tokens = []
+    for prompt in prompts:
+        ids = torch.tensor([prompt])
+        out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=NEW_TOKENS,
+                             do_sample=False)
+        tokens.append(out[0, ids.shape[1]:].tolist())
+    return tokens
+
+
+def run_engine(tmp_path: Path, model: Path, engine: dict, batches: list) -> dict:
+    spec, result = tmp_path / "spec.json", tmp_path / "result.json"
+    spec.write_text(json.dumps({"model": str(model), "engine": engine, "batches": batches}))
+    done = subprocess.run([sys.executable, str(ENGINE_SCRIPT), str(spec), str(result)], capture_output=True,
+                          text=True, timeout=600)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-6000:]
+    return json.loads(result.read_text())
+
+
+def prompts_of(lengths, seed: int, vocab: int) -> list[list[int]]:
+    generator = torch.Generator().manual_seed(seed)
+    return [torch.randint(3, vocab, (n,), generator=generator).tolist() for n in lengths]
+
+
+def request(prompt, adapter=None):
+    return {"prompt_token_ids": prompt, "adapter": adapter, "max_tokens": NEW_TOKENS}
+
+
+def served(folder: Path, adapters: dict) -> dict:
+    return {"reft_adapters": {name: str(folder / name) for name in adapters}}
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    return smollm2_tokenizer()
+
+
+def test_llama_tokens_match_peft_generate_with_chunking_preemption_and_prefix_caching(tmp_path, tokenizer):
+    base = save_base(tmp_path / "base", "llama", tokenizer)
+    for name, config in LLAMA_ADAPTERS.items():
+        save_adapter(base, tmp_path / name, **config)
+    vocab = len(tokenizer)
+    prompts = prompts_of(PROMPT_LENGTHS, seed=0, vocab=vocab)
+    long_prompt = prompts_of([LONG], seed=1, vocab=vocab)[0]
+    sources = [None, *LLAMA_ADAPTERS]
+    expected = {s: reference_tokens(base, None if s is None else tmp_path / s, prompts + [long_prompt])
+                for s in sources}
+    for name in LLAMA_ADAPTERS:  # each adapter changes what the model says (else this test could not fail)
+        assert expected[name] != expected[None], name
+
+    prefix_order = [None, "noreft_l3_mlp", "loreft_f2l2", "loreft_f2l2", None, "nodireft_all_attn"]
+    mixed = [request(p, s) for i, p in enumerate(prompts) for s in sources[i % 2:] + sources[:i % 2]]
+    batches = [[request(long_prompt, s)] for s in prefix_order] + [
+        mixed,
+        [request(prompts[2], "no_such_adapter")],
+        [request(prompts[3], None), request(prompts[3], "consreft_f3")],
+    ]
+    engine = dict(
+        enforce_eager=True, max_model_len=160, block_size=32, enable_prefix_caching=True,
+        max_num_batched_tokens=16, max_num_seqs=8, num_gpu_blocks_override=12,  # prefill in chunks of 16 tokens
+        additional_config=served(tmp_path, LLAMA_ADAPTERS),
+    )
+    result = run_engine(tmp_path, base, engine, batches)
+    outputs = result["batches"]
+
+    # prefix caching: a ReFT request never reuses KV computed under other edits; base KV is reused where it is valid
+    cached = [batch[0]["cached"] for batch in outputs[:6]]
+    assert cached == [0, 96, 0, 96, 96, 0], cached
+    for batch, source in zip(outputs[:6], prefix_order):
+        assert batch[0]["tokens"] == expected[source][-1], source
+
+    # one continuous batch of every adapter and base requests, prompts prefilled in chunks of 16 tokens
+    got = {(i, s): out["tokens"] for (i, s), out in zip(
+        [(i, s) for i in range(len(prompts)) for s in sources[i % 2:] + sources[:i % 2]], outputs[6])}
+    mismatches = [(i, s) for (i, s), tokens in got.items() if tokens != expected[s][i]]
+    assert not mismatches, mismatches
+
+    # an unknown adapter fails its request, with the served names; the engine keeps serving
+    assert "'no_such_adapter' is not served" in outputs[7]["error"]
+    assert "loreft_f2l2" in outputs[7]["error"]
+    assert [o["tokens"] for o in outputs[8]] == [expected[None][3], expected["consreft_f3"][3]]
+
+
+def test_qwen2_tokens_match_peft_generate_under_preemption(tmp_path, tokenizer):
+    base = save_base(tmp_path / "base", "qwen2", tokenizer, layers=2)
+    for name, config in QWEN2_ADAPTERS.items():
+        save_adapter(base, tmp_path / name, **config)
+    prompts = prompts_of((1, 3, 22, 26, 30), seed=2, vocab=len(tokenizer))  # the longer ones grow past a block
+    sources = [None, *QWEN2_ADAPTERS]
+    expected = {s: reference_tokens(base, None if s is None else tmp_path / s, prompts) for s in sources}
+    for name in QWEN2_ADAPTERS:
+        assert expected[name] != expected[None], name
+    # a KV cache of 5 blocks of 32 tokens (one is vLLM's null block) for 8 running requests: some are preempted and
+    # their prompts recomputed
+    engine = dict(enforce_eager=True, max_model_len=128, block_size=32, max_num_batched_tokens=8, max_num_seqs=8,
+                  num_gpu_blocks_override=5, additional_config=served(tmp_path, QWEN2_ADAPTERS))
+    result = run_engine(tmp_path, base, engine, [[request(p, s) for p in prompts for s in sources]])
+    got = [out["tokens"] for out in result["batches"][0]]
+    assert got == [expected[s][i] for i in range(len(prompts)) for s in sources]
+    assert result["preemptions"] > 0
+
+
+# ---- refused when the engine's config is built: nothing starts ----
+
+@pytest.fixture(scope="module")
+def small_base(tmp_path_factory, tokenizer):
+    folder = tmp_path_factory.mktemp("vllm_refusals")
+    return save_base(folder / "base", "llama", tokenizer)
+
+
+def engine_config(model: Path, adapters: dict, **kwargs):
+    from vllm.engine.arg_utils import EngineArgs
+
+    from peft_reft.vllm.plugin import register
+
+    register()  # what vLLM does when it starts (entry point `vllm.general_plugins`)
+    declared = {"reft_adapters": {k: str(v) for k, v in adapters.items()}} if adapters else {}
+    args = EngineArgs(model=str(model), dtype="float32", max_model_len=128, additional_config=declared, **kwargs)
+    return args.create_engine_config()
+
+
+def test_adapter_of_another_base_model_is_refused_at_startup(tmp_path, small_base, tokenizer):
+    wider = save_base(tmp_path / "wider", "llama", tokenizer, hidden=96)
+    deeper = save_base(tmp_path / "deeper", "llama", tokenizer, layers=6)
+    with pytest.raises(ValueError, match=r"ReFT adapter 'wide'.*hidden size \[96\].*hidden size is 64"):
+        engine_config(small_base, {"wide": save_adapter(wider, tmp_path / "wide", layers=[0])}, enforce_eager=True)
+    with pytest.raises(ValueError, match=r"ReFT adapter 'deep' edits layers \[5\].*has 4 layers"):
+        engine_config(small_base, {"deep": save_adapter(deeper, tmp_path / "deep", layers=[5])}, enforce_eager=True)
+
+
+def test_what_the_integration_cannot_serve_is_refused_at_startup(tmp_path, small_base, tokenizer):
+    with_lora = save_adapter(small_base, tmp_path / "with_lora", layers=[0],
+                             lora_config=LoraConfig(r=2, target_modules=["q_proj"]))
+    with pytest.raises(ValueError, match=r"ReFT adapter 'combo' .* a LoRA part"):
+        engine_config(small_base, {"combo": with_lora}, enforce_eager=True)
+    lora = get_peft_model(AutoModelForCausalLM.from_pretrained(small_base), LoraConfig(r=2, target_modules=["q_proj"]))
+    lora.save_pretrained(tmp_path / "lora")
+    with pytest.raises(ValueError, match=r"ReFT adapter 'lora'.*not a ReFT adapter.*enable_lora"):
+        engine_config(small_base, {"lora": tmp_path / "lora"}, enforce_eager=True)
+    with pytest.raises(ValueError, match=r"ReFT adapter 'missing': .* holds no saved adapter"):
+        engine_config(small_base, {"missing": tmp_path / "nowhere"}, enforce_eager=True)
+    gpt2 = tmp_path / "gpt2"
+    torch.manual_seed(0)
+    AutoModelForCausalLM.from_config(GPT2Config(vocab_size=len(tokenizer), n_embd=64, n_layer=2, n_head=2,
+                                                n_positions=128)).save_pretrained(gpt2)
+    tokenizer.save_pretrained(gpt2)
+    with pytest.raises(ValueError, match=r"served model is \['GPT2LMHeadModel'\]"):
+        engine_config(gpt2, {"a": save_adapter(gpt2, tmp_path / "gpt2_adapter", layers=[0])}, enforce_eager=True)
+    adapter = save_adapter(small_base, tmp_path / "ok", layers=[0])
+    with pytest.raises(ValueError, match=r"cannot be served with speculative decoding"):
+        engine_config(small_base, {"ok": adapter}, enforce_eager=True,
+                      speculative_config={"method": "ngram", "num_speculative_tokens": 2, "prompt_lookup_max": 2})
+
+
+def test_compiled_mode_is_switched_off_with_a_message(tmp_path, small_base, caplog):
+    from vllm.config import CompilationMode, CUDAGraphMode
+
+    adapter = save_adapter(small_base, tmp_path / "ok", layers=[0])
+    with caplog.at_level(logging.WARNING, logger="peft_reft.vllm"):
+        config = engine_config(small_base, {"ok": adapter}, enforce_eager=False)
+    assert config.model_config.enforce_eager
+    assert config.compilation_config.mode == CompilationMode.NONE
+    assert config.compilation_config.cudagraph_mode == CUDAGraphMode.NONE
+    assert not config.use_v2_model_runner
+    assert "enforce_eager switched on" in caplog.text
+    plain = engine_config(small_base, {}, enforce_eager=False)  # no adapters: vLLM's own defaults, untouched
+    assert not plain.model_config.enforce_eager
+    assert plain.compilation_config.mode != CompilationMode.NONE
+
+
+def test_served_adapter_matches_peft_state(tmp_path, small_base):
+    """The interventions a worker builds from the folder are the saved PeftModel's (same module, same weights)."""
+    from peft_reft.vllm.adapters import load_interventions, read_adapter
+
+    folder = save_adapter(small_base, tmp_path / "a", layers=[1, 3], positions="f2+l2", share_weights=False)
+    peft_model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(small_base), folder)
+    layers = load_interventions(read_adapter("a", str(folder)), 64, "cpu")
+    hidden = torch.randn(5, 64)
+    for index in (1, 3):
+        saved = peft_model.base_model.model.model.layers[index].reft_interventions["default"]
+        for group in (0, 1):
+            torch.testing.assert_close(layers[index][group].edited(hidden), saved[group].edited(hidden))
+    assert sorted(layers) == [1, 3]
+
+
+def test_additional_config_must_map_names_to_folders(small_base):
+    from vllm.engine.arg_utils import EngineArgs
+
+    from peft_reft.vllm.plugin import register
+
+    register()
+    args = EngineArgs(model=str(small_base), dtype="float32", max_model_len=128, enforce_eager=True,
+                      additional_config={"reft_adapters": ["emoji"]})
+    with pytest.raises(ValueError, match=r"must map adapter names to adapter folders.*got \['emoji'\]"):
+        args.create_engine_config()
