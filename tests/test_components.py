@@ -5,7 +5,7 @@ submodule (checked against the independent reference on several architectures), 
 import pytest
 import torch
 import torch.utils.checkpoint
-from conftest import padded_batch, tiny_config, tiny_model
+from conftest import enable_checkpointing, padded_batch, tiny_config, tiny_model
 from peft import PeftModel, get_peft_model
 from reference import raw_params, reference_logits
 from transformers import AutoModelForCausalLM, BertConfig, BertForSequenceClassification, OPTConfig
@@ -69,7 +69,7 @@ def test_gradient_checkpointing_gives_the_same_loss_and_gradients(component, use
     batches = [_batch("right"), _batch("left", prompt_length=2)]
     expected_losses, expected_grads = _loss_and_grads(model, batches)
 
-    base.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": use_reentrant})
+    enable_checkpointing(base, use_reentrant)
     if use_reentrant:
         base.enable_input_require_grads()
     losses, grads = _loss_and_grads(model, batches)
@@ -87,7 +87,7 @@ def test_checkpoint_recomputation_stops_where_it_stops_without_reft(component):
     layer stops there too, instead of computing the MLP output again for the edit."""
 
     def last_matmuls_recomputed(model, base):
-        base.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+        enable_checkpointing(base, False)
         during_backward = []
         handles = [layer.mlp.down_proj.register_forward_hook(
             lambda *_: during_backward.append(torch._C._current_graph_task_id() != -1))
@@ -113,7 +113,7 @@ def test_checkpointing_without_early_stop_gives_the_same_gradients(component):
     model = get_peft_model(base, _config(component)).train()
     batches = [_batch("right"), _batch("left", prompt_length=2)]
     expected_losses, expected_grads = _loss_and_grads(model, batches)
-    base.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+    enable_checkpointing(base, False)
     with torch.utils.checkpoint.set_checkpoint_early_stop(False):
         losses, grads = _loss_and_grads(model, batches)
     assert losses == pytest.approx(expected_losses, abs=1e-6)
@@ -124,7 +124,7 @@ def test_checkpointing_without_early_stop_gives_the_same_gradients(component):
 def test_disabled_adapter_under_gradient_checkpointing_backpropagates_as_the_base_model():
     base = tiny_model("llama")
     model = get_peft_model(base, _config("mlp_output")).train()
-    base.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": True})
+    enable_checkpointing(base, True)
     base.enable_input_require_grads()  # layer outputs require grad even with every adapter disabled
     ids, mask, labels = _batch()
     with model.disable_adapter():

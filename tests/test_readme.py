@@ -7,9 +7,11 @@ import re
 import shlex
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
+import torch
 from safetensors.torch import load_file
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -24,6 +26,8 @@ SNIPPETS = {
     "explanation = torch._dynamo.explain(model)": "graphs 1 graph breaks 0",
     "ReftHFLM(pretrained=model": "'acc,none':",
 }
+# snippets that need a running `vllm serve`: run by `test_serving_with_vllm`
+SERVING_SNIPPETS = {'OpenAI(base_url="http://localhost:8000/v1"': "emoji ->"}
 # extra flags that make a documented command smoke-sized (appended; the command itself is run as written)
 SMOKE_FLAGS = {
     "examples/quickstart.py": ["--quick"],
@@ -37,6 +41,8 @@ SMOKE_FLAGS = {
 NOT_RUN = {
     "make test": "this test suite itself",
     "pip install": "the install step of `make test` (Makefile `install`) runs these",
+    "python examples/vllm_serving.py": "run by `test_serving_with_vllm` (in `make test`'s vLLM environment)",
+    "vllm serve": "run by `test_serving_with_vllm` (in `make test`'s vLLM environment)",
 }
 
 
@@ -83,8 +89,9 @@ def write_data(folder: Path) -> None:
         (folder / name).write_text("\n".join(json.dumps(r) for r in rows))
 
 
-def save_adapter_and_link(outputs: Path) -> None:
-    """`outputs/smollm2` (a link to the SmolLM2 checkpoint), `outputs/reft-adapter` (the README adapter, untrained)."""
+def save_adapter_and_link(outputs: Path, scale: float | None = None) -> None:
+    """`outputs/smollm2` (a link to the SmolLM2 checkpoint), `outputs/reft-adapter` (the README adapter, untrained;
+    with `scale`, random weights times `scale`: an adapter that changes the answers)."""
     sys.path.insert(0, str(ROOT / "examples"))
     from peft import get_peft_model
     from smollm2 import load_smollm2, smollm2_path
@@ -93,7 +100,13 @@ def save_adapter_and_link(outputs: Path) -> None:
 
     outputs.mkdir(exist_ok=True)
     (outputs / "smollm2").symlink_to(smollm2_path(), target_is_directory=True)
-    model = get_peft_model(load_smollm2()[0], ReftConfig(layers=[8], low_rank_dimension=4, positions="f1+l5"))
+    config = ReftConfig(layers=[8], low_rank_dimension=4, positions="f1+l5", init_weights=scale is None)
+    model = get_peft_model(load_smollm2()[0], config)
+    if scale is not None:
+        with torch.no_grad():
+            for parameter in model.parameters():
+                if parameter.requires_grad:
+                    parameter.mul_(scale)
     model.save_pretrained(outputs / "reft-adapter")
 
 
@@ -107,7 +120,7 @@ def _run(argv, cwd, timeout=900):
 
 def test_every_snippet_is_run_here():
     blocks = [b for doc in DOCS for b in python_blocks(doc.read_text())]
-    unrun = [b[:200] for b in blocks if not any(marker in b for marker in SNIPPETS)]
+    unrun = [b[:200] for b in blocks if not any(marker in b for marker in {**SNIPPETS, **SERVING_SNIPPETS})]
     assert not unrun, f"README snippets without a test (add a marker to SNIPPETS): {unrun}"
 
 
@@ -141,7 +154,6 @@ def test_readme_snippet_runs(marker, tmp_path):
 def test_readme_command_runs(command, tmp_path):
     reason = next((why for prefix, why in NOT_RUN.items() if command.startswith(prefix)), None)
     if reason is not None:
-        assert command in ("make test",) or command.startswith("pip install"), command
         return  # covered by `test_install_commands_are_what_make_installs` / by running this suite
     argv = command.split()
     script = next((a for a in argv if a in SMOKE_FLAGS), None)
@@ -200,3 +212,79 @@ def test_readme_command_runs(command, tmp_path):
         assert (tmp_path / "outputs" / "smollm2" / "config.json").exists() and out.strip().endswith("instruct")
     elif script == "examples/classification.py":
         assert re.search(r"Test accuracy, ReFT \+ linear head: +[0-9.]+", out), out[-2000:]
+
+
+def reference_answers(outputs: Path, prompt: str, max_tokens: int = 32) -> dict:
+    """Greedy answers of `PeftModel.generate` (float32) for the README adapter and the base model."""
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(outputs / "smollm2")
+    text = tokenizer.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False,
+                                         add_generation_prompt=True)
+    ids = tokenizer(text, return_tensors="pt", add_special_tokens=False)
+    base = AutoModelForCausalLM.from_pretrained(outputs / "smollm2", dtype=torch.float32).eval()
+    answers = {None: base.generate(**ids, max_new_tokens=max_tokens, do_sample=False)}
+    model = PeftModel.from_pretrained(base, outputs / "reft-adapter").eval()
+    answers["emoji"] = model.generate(**ids, max_new_tokens=max_tokens, do_sample=False)
+    return {k: tokenizer.decode(v[0, ids["input_ids"].shape[1]:], skip_special_tokens=True) for k, v in answers.items()}
+
+
+def serving_commands() -> list[list[str]]:
+    """The README's serving commands as argv lists (split once, so that the quoted JSON stays one argument)."""
+    commands = []
+    for block in re.findall(r"```bash\n(.*?)```", (ROOT / "README.md").read_text(), flags=re.S):
+        for line in block.replace("\\\n", " ").splitlines():
+            argv = shlex.split(line, comments=True)
+            if argv[:2] in (["python", "examples/vllm_serving.py"], ["vllm", "serve"]):
+                commands.append(argv)
+    return commands
+
+
+@pytest.mark.slow
+def test_serving_with_vllm(tmp_path):
+    """The README's serving section: the offline script and `vllm serve` answered by the `openai` client give each
+    adapter's answers, those of `PeftModel.generate`; a request naming an unknown adapter fails alone."""
+    if os.environ.get("PEFT_REFT_REQUIRE_VLLM") != "1":
+        pytest.importorskip("vllm", reason="vLLM is not installed here; `make test` runs this with vLLM")
+    import openai
+    import requests
+
+    offline, serve = serving_commands()
+    (tmp_path / "examples").symlink_to(ROOT / "examples")
+    save_adapter_and_link(tmp_path / "outputs", scale=4.0)
+    expected = reference_answers(tmp_path / "outputs", "Who are you?")
+    assert expected["emoji"] != expected[None]  # the adapter changes the answer, else this test could not fail
+    run_env = {**env(), "VLLM_CPU_KVCACHE_SPACE": "1"}
+
+    out = subprocess.run([sys.executable, *offline[1:]], cwd=tmp_path, capture_output=True, text=True,
+                         env=run_env, timeout=900)
+    assert out.returncode == 0, out.stderr[-4000:]
+    for adapter, answer in expected.items():
+        assert f"[{adapter or 'base'}] Who are you? -> {answer!r}" in out.stdout, (out.stdout, expected)
+
+    server = subprocess.Popen([console_script("vllm"), *serve[1:]], cwd=tmp_path, env=run_env, text=True,
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    try:
+        for _ in range(600):
+            try:
+                if requests.get("http://localhost:8000/health", timeout=1).status_code == 200:
+                    break
+            except requests.ConnectionError:
+                pass
+            assert server.poll() is None, server.stdout.read()[-4000:]
+            time.sleep(1)
+        block = next(b for doc in DOCS for b in python_blocks(doc.read_text()) if "OpenAI(base_url=" in b)
+        (tmp_path / "client.py").write_text(block)
+        out = _run([sys.executable, "client.py"], tmp_path)
+        for adapter, answer in expected.items():
+            assert f"{adapter} -> {answer}\n" in out, (out, expected)
+        client = openai.OpenAI(base_url="http://localhost:8000/v1", api_key="none")
+        with pytest.raises(openai.BadRequestError, match=r"ReFT adapter 'nope' is not served; served adapters: "):
+            client.chat.completions.create(model="outputs/smollm2", messages=[{"role": "user", "content": "Hi"}],
+                                           max_tokens=4, extra_body={"vllm_xargs": {"reft_adapter": "nope"}})
+        out = _run([sys.executable, "client.py"], tmp_path)  # the server serves on
+        assert f"emoji -> {expected['emoji']}\n" in out
+    finally:
+        server.terminate()
+        server.wait(timeout=60)

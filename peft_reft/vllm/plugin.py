@@ -107,8 +107,14 @@ def check_request(sampling_params: Any, served: dict[str, ServedAdapter]) -> Non
 def _validate_params(original, self, params, *args, **kwargs):
     result = original(self, params, *args, **kwargs)
     if request_adapter(params) is not None:
+        from vllm.exceptions import VLLMValidationError
+
         served = _SERVED if _SERVED else served_adapters(self.vllm_config)
-        check_request(params, served)
+        try:
+            check_request(params, served)
+        except ValueError as error:  # a bad request (HTTP 400 from the server), and a ValueError offline
+            raise type("UnknownReftAdapterError", (VLLMValidationError, ValueError), {})(
+                str(error), parameter="vllm_xargs", value=request_adapter(params)) from None
     return result
 
 
