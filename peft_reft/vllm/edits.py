@@ -98,8 +98,8 @@ def _layer_output(module: nn.Module, output: Any) -> tuple[torch.Tensor, torch.T
 
 def attach_edits(layers: nn.ModuleList, served: dict[str, tuple[str, dict[int, nn.ModuleList]]]) -> list[Any]:
     """Hook the adapters' interventions into vLLM's decoder `layers`. `served`: adapter name -> (component, layer index
-    -> interventions). The interventions become submodules of nothing: vLLM's model keeps its own modules. Returns the
-    hook handles."""
+    -> interventions). The interventions are not registered as submodules: vLLM's model keeps exactly its own modules
+    (and weights). Returns the hook handles."""
     per_layer: dict[int, LayerEdits] = {}
     for name, (component, interventions_at) in served.items():
         for index, interventions in interventions_at.items():

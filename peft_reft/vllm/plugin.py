@@ -96,8 +96,8 @@ def request_adapter(sampling_params: Any) -> Optional[str]:
     return extra.get(REQUEST_KEY) if isinstance(extra, dict) else None
 
 
-def check_request(sampling_params: Any, served: dict[str, ServedAdapter]) -> None:
-    """A ValueError if the request names an adapter that is not served."""
+def check_request(sampling_params: Any, served: dict[str, Any]) -> None:
+    """A ValueError if the request names an adapter that is not served (`served`: the served adapters by name)."""
     name = request_adapter(sampling_params)
     if name is not None and name not in served:
         available = sorted(served) or "none (declare them in additional_config['reft_adapters'])"
@@ -109,9 +109,9 @@ def _validate_params(original, self, params, *args, **kwargs):
     if request_adapter(params) is not None:
         from vllm.exceptions import VLLMValidationError
 
-        served = _SERVED if _SERVED else served_adapters(self.vllm_config)
+        declared = declared_adapters(getattr(self.vllm_config, "additional_config", None))  # this engine's names
         try:
-            check_request(params, served)
+            check_request(params, declared)
         except ValueError as error:  # a bad request (HTTP 400 from the server), and a ValueError offline
             raise type("UnknownReftAdapterError", (VLLMValidationError, ValueError), {})(
                 str(error), parameter="vllm_xargs", value=request_adapter(params)) from None
