@@ -160,10 +160,9 @@ def _model_forward(original, self, *args, **kwargs):
     num_reqs = batch.num_reqs
     row_adapters = []
     for req_id in batch.req_ids[:num_reqs]:
-        name = request_adapter(self.requests[req_id].sampling_params)
-        if name is not None and name not in adapters:
-            raise ValueError(f"ReFT adapter {name!r} is not served; served adapters: {sorted(adapters)}.")
-        row_adapters.append(name)
+        sampling_params = self.requests[req_id].sampling_params
+        check_request(sampling_params, adapters)  # the front end has checked; a request that bypassed it stops here
+        row_adapters.append(request_adapter(sampling_params))
     edits = step_edits(adapters, row_adapters, self.query_start_loc.np[: num_reqs + 1],
                        batch.num_computed_tokens_cpu[:num_reqs], batch.num_prompt_tokens[:num_reqs],
                        device=self.device) if any(row_adapters) else {}
