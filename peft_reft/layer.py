@@ -197,7 +197,12 @@ class ReftLayer(nn.Module, BaseTunerLayer):
                 "per layer."
             )
         index = locations.clamp(min=0)
-        tracked = torch.is_grad_enabled()  # without autograd (inference) the plain ops do the same, with less overhead
+        # eager training: the in-place functions above; without autograd (inference) the plain ops do the same with
+        # less overhead; under torch.compile the out-of-place ops, which the compiler may make in place where that is
+        # safe (an in-place custom function on a graph input, when dynamo splits the layer's graph, gets wrong
+        # gradients from AOT autograd)
+        compiling = torch.compiler.is_compiling()
+        tracked = torch.is_grad_enabled() and not compiling
         deltas = []
         for group, intervention in enumerate(interventions):
             # empty slots read token 0 and add a zero delta, so every intervention runs (DDP needs its gradients)
@@ -209,6 +214,8 @@ class ReftLayer(nn.Module, BaseTunerLayer):
         delta = deltas[0] if len(deltas) == 1 else torch.cat(deltas, 1)
         if tracked:
             return _AddAtTokens.apply(hidden, index.flatten(1), delta)
+        if compiling:
+            return hidden.scatter_add(1, _token_index(index.flatten(1), hidden.shape[-1]), delta)
         return hidden.scatter_add_(1, _token_index(index.flatten(1), hidden.shape[-1]), delta)
 
     def __getattr__(self, name: str) -> Any:
