@@ -1,6 +1,7 @@
 """Registration of the REFT tuner type with peft."""
 
 import glob
+import os
 import pickle
 import shutil
 import subprocess
@@ -79,16 +80,25 @@ def _interpreter(python: str):
     return on_path if on_path and "/shims/" not in on_path else None  # a pyenv shim runs only the selected version
 
 
-@pytest.mark.parametrize("python", ["python3.10", "python3.11", "python3.12", "python3.13"])
+SUPPORTED_PYTHONS = ["python3.10", "python3.11", "python3.12", "python3.13"]
+
+
+@pytest.mark.parametrize("python", SUPPORTED_PYTHONS)
 def test_enum_extension_works_on_supported_pythons(python):
     # the enum internals differ between 3.10-3.11, 3.12 and 3.13 (requires-python allows 3.10); the check needs only
-    # the stdlib, so it runs on each interpreter side by side (the CI machine has them all, from pyenv)
+    # the stdlib, so it runs on each interpreter side by side. The running interpreter is always checked; another one
+    # is checked where it is installed, and must be where PEFT_REFT_REQUIRE_ALL_PYTHONS=1 (.ci/run: CI's machine has
+    # them all, from pyenv), so that the check never silently stops happening in CI
     executable = _interpreter(python)
-    assert executable is not None, (
-        f"{python} is not installed here, and registration must be checked on it (requires-python includes it): "
-        f"install it (e.g. `pyenv install {python[6:]}` or your distribution's package) so that it is on PATH or "
-        "under ~/.pyenv/versions."
-    )
+    if executable is None:
+        message = (
+            f"{python} is not installed here, and registration must be checked on it (requires-python includes it): "
+            f"install it (e.g. `pyenv install {python[6:]}` or your distribution's package) so that it is on PATH or "
+            "under ~/.pyenv/versions."
+        )
+        assert os.environ.get("PEFT_REFT_REQUIRE_ALL_PYTHONS") != "1", message
+        pytest.skip(message)
     result = subprocess.run([executable, "-c", ENUM_SCRIPT, str(REGISTRATION_FILE)], capture_output=True, text=True)
     assert result.returncode == 0, result.stderr
     assert result.stdout.startswith(f"ok ({python[6]}, {python[8:]})")
+

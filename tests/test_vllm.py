@@ -233,17 +233,20 @@ def test_what_the_integration_cannot_serve_is_refused_at_startup(tmp_path, small
                       speculative_config={"method": "ngram", "num_speculative_tokens": 2, "prompt_lookup_max": 2})
 
 
-def test_compiled_mode_is_switched_off_with_a_message(tmp_path, small_base, caplog):
+def test_compiled_mode_is_switched_off_with_a_message(tmp_path, small_base, caplog, monkeypatch):
     from vllm.config import CompilationMode, CUDAGraphMode
 
     adapter = save_adapter(small_base, tmp_path / "ok", layers=[0])
+    # vLLM on a CPU picks the V1 runner by itself (V2 needs Triton): what the plugin chose is read from the variable
+    # it sets for the engine's processes
+    monkeypatch.delenv("VLLM_USE_V2_MODEL_RUNNER", raising=False)
     with caplog.at_level(logging.WARNING, logger="peft_reft.vllm"):
         config = engine_config(small_base, {"ok": adapter}, enforce_eager=False)
     assert config.model_config.enforce_eager
     assert config.compilation_config.mode == CompilationMode.NONE
     assert config.compilation_config.cudagraph_mode == CUDAGraphMode.NONE
-    assert not config.use_v2_model_runner
-    assert "enforce_eager switched on" in caplog.text
+    assert os.environ.get("VLLM_USE_V2_MODEL_RUNNER") == "0" and not config.use_v2_model_runner
+    assert "enforce_eager switched on" in caplog.text and "the V1 model runner is used" in caplog.text
     plain = engine_config(small_base, {}, enforce_eager=False)  # no adapters: vLLM's own defaults, untouched
     assert not plain.model_config.enforce_eager
     assert plain.compilation_config.mode != CompilationMode.NONE
