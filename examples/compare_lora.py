@@ -18,8 +18,9 @@ size on disk, mean step time (and its ratio to LoRA's, measured in this process)
 set above the loaded model), wall time.
 
     python examples/compare_lora.py            # the full run (about 48 minutes on 2 CPU cores)
-    python examples/compare_lora.py --quick    # a smoke run: 1 step, 4 held-out items per task; every method on
-                                               # the first task, LoRA and the quickstart recipe on the others
+    python examples/compare_lora.py --quick    # a smoke run: 1 step of batch 2, 4 held-out items per task, 4 new
+                                               # tokens; every method on the first task, LoRA and the quickstart
+                                               # recipe on the others
 """
 
 from __future__ import annotations
@@ -128,10 +129,14 @@ LM_EVAL_TASK = {  # how lm-eval runs each kind of task on the chat-formatted pro
                        'target_delimiter: ""\nmetric_list:\n  - metric: acc\n',
 }
 NEW_TOKENS = {"emoji": 30, "arithmetic": 6}
+# --quick, a smoke run: every step of the full run at the smallest size (the scores mean nothing)
+QUICK = {"steps": 1, "held_out": 4, "batch_size": 2, "new_tokens": 4}
 
 
-def write_lm_eval_task(folder: Path, name: str, documents: list[dict], output_type: str, tokenizer) -> None:
-    """A local lm-eval task: the held-out documents (prompts in the model's chat format) and its YAML."""
+def write_lm_eval_task(folder: Path, name: str, documents: list[dict], output_type: str, tokenizer,
+                       new_tokens: int) -> None:
+    """A local lm-eval task: the held-out documents (prompts in the model's chat format) and its YAML (generation
+    tasks: at most `new_tokens` new tokens)."""
     folder.mkdir(parents=True, exist_ok=True)
     rendered = [{**doc, "prompt": tokenizer.apply_chat_template(chat(doc["prompt"]), tokenize=False,
                                                                 add_generation_prompt=True)} for doc in documents]
@@ -139,14 +144,15 @@ def write_lm_eval_task(folder: Path, name: str, documents: list[dict], output_ty
     (folder / f"{name}.yaml").write_text(
         f"task: compare_{name}\ndataset_path: json\ndataset_kwargs:\n  data_files:\n    test: {folder / name}.jsonl\n"
         f"test_split: test\noutput_type: {output_type}\ndoc_to_text: \"{{{{prompt}}}}\"\n"
-        + LM_EVAL_TASK[output_type].format(new_tokens=NEW_TOKENS.get(name, 0))
+        + LM_EVAL_TASK[output_type].format(new_tokens=new_tokens)
     )
 
 
-def lm_eval_scores(model, tokenizer, name: str, task: tuple, folder: Path) -> tuple[list[float], list[str]]:
+def lm_eval_scores(model, tokenizer, name: str, task: tuple, folder: Path,
+                   new_tokens: int) -> tuple[list[float], list[str]]:
     """Per held-out document, the score (0/1) lm-eval's run gives, and the answers (generation tasks)."""
     _, documents, output_type, scorer = task
-    write_lm_eval_task(folder, name, documents, output_type, tokenizer)
+    write_lm_eval_task(folder, name, documents, output_type, tokenizer, new_tokens)
     model.eval()
     results = simple_evaluate(model=ReftHFLM(pretrained=model, tokenizer=tokenizer, batch_size=16),
                               tasks=[f"compare_{name}"], task_manager=TaskManager(include_path=str(folder)),
@@ -179,15 +185,18 @@ def resident_peak_kib(reset: bool = False) -> int:
     return next(int(line.split()[1]) for line in status.read_text().splitlines() if line.startswith("VmHWM:"))
 
 
-def run(method, name, task, steps, output_dir, device_defaults, seed=0) -> dict:
+def run(method, name, task, steps, output_dir, device_defaults, quick=False, seed=0) -> dict:
+    """Train `method` on `task` for `steps` steps and score it with lm-eval (`quick`: a smoke run's sizes)."""
     build_config, learning_rate = METHODS[method]
     rows = task[0]
+    batch_size, new_tokens = (QUICK["batch_size"], QUICK["new_tokens"]) if quick else (10, NEW_TOKENS.get(name, 0))
     torch.manual_seed(seed)
     model, tokenizer = load_smollm2()
     args = SFTConfig(
-        output_dir=str(output_dir), max_steps=steps, per_device_train_batch_size=10, learning_rate=learning_rate,
-        lr_scheduler_type="linear", warmup_steps=0, weight_decay=0.0, logging_steps=steps, max_length=64,
-        gradient_checkpointing=False, report_to=[], save_strategy="no", seed=seed, log_level="error",
+        output_dir=str(output_dir), max_steps=steps, per_device_train_batch_size=batch_size,
+        learning_rate=learning_rate, lr_scheduler_type="linear", warmup_steps=0, weight_decay=0.0,
+        logging_steps=steps, max_length=64, gradient_checkpointing=False, report_to=[], save_strategy="no", seed=seed,
+        log_level="error",
         **device_defaults,
     )
     trainer = SFTTrainer(model=model, args=args, train_dataset=Dataset.from_list(rows), processing_class=tokenizer,
@@ -200,7 +209,8 @@ def run(method, name, task, steps, output_dir, device_defaults, seed=0) -> dict:
     peak_mib = (resident_peak_kib() - before) / 1024
     trainer.save_model(str(output_dir))
     trainable, _ = trainer.model.get_nb_trainable_parameters()
-    scores, answers = lm_eval_scores(trainer.model, tokenizer, name, task, Path(output_dir) / "lm_eval_task")
+    scores, answers = lm_eval_scores(trainer.model, tokenizer, name, task, Path(output_dir) / "lm_eval_task",
+                                     new_tokens)
     low, high = wilson_interval(sum(scores), len(scores))
     return {
         "method": method, "score": sum(scores) / len(scores), "ci95": [low, high], "held_out": len(scores),
@@ -269,10 +279,11 @@ def main(argv=None):
     parser.add_argument("--steps", type=int, default=30)
     parser.add_argument("--output-dir", default="outputs/compare_lora",
                         help="adapters, results (.md/.json) and the chart")
-    parser.add_argument("--quick", action="store_true", help="smoke run: 1 step, 4 held-out items per task, every "
-                        "method on the first task and two (LoRA, the quickstart recipe) on the others")
+    parser.add_argument("--quick", action="store_true", help="smoke run: 1 step of batch 2, 4 held-out items per "
+                        "task, 4 new tokens, every method on the first task and two (LoRA, the quickstart recipe) on "
+                        "the others")
     args = parser.parse_args(argv)
-    steps, held_out = (1, 4) if args.quick else (args.steps, None)
+    steps, held_out = (QUICK["steps"], QUICK["held_out"]) if args.quick else (args.steps, None)
     device_defaults = runtime.setup()
     out = Path(args.output_dir)
     print(f"Outputs: {out.resolve()}")
@@ -283,7 +294,7 @@ def main(argv=None):
         for method in list(METHODS)[:2] if args.quick and number else METHODS:
             began = time.perf_counter()
             folder = "".join(c if c.isalnum() else "-" for c in method.lower())
-            row = run(method, task_name, task, steps, out / task_name / folder, device_defaults)
+            row = run(method, task_name, task, steps, out / task_name / folder, device_defaults, args.quick)
             row["wall_s"] = time.perf_counter() - began
             results[task_name].append(row)
             example = f"  e.g. {row['samples'][0]!r}" if row["samples"] else ""

@@ -1,5 +1,6 @@
 """Tiny models built from configs (no hub access) and shared fixtures."""
 
+import os
 import sys
 from pathlib import Path
 
@@ -11,8 +12,19 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples"))
 from runtime import cpu_threads  # noqa: E402
 
 VOCAB = 97
+if "PYTEST_XDIST_WORKER_COUNT" in os.environ and "OMP_NUM_THREADS" not in os.environ:
+    # `pytest -n N` (make test): each worker gets its share of the cores, and the processes its tests start (README
+    # commands, examples) inherit that share instead of reading a load average that lags the other workers
+    share = len(os.sched_getaffinity(0)) // int(os.environ["PYTEST_XDIST_WORKER_COUNT"])
+    os.environ["OMP_NUM_THREADS"] = str(max(1, share))
 # as in the examples: on a busy machine, threads that wait for each other cost more than they bring
 torch.set_num_threads(cpu_threads()[0])
+
+
+def pytest_collection_modifyitems(config, items):
+    """The slow tests first (in their order): under pytest-xdist the short ones then fill the workers' last minutes,
+    instead of one long test starting when the other worker has nothing left."""
+    items.sort(key=lambda item: item.get_closest_marker("slow") is None)
 
 
 def tiny_config(arch: str = "llama", layers: int = 4, hidden: int = 32, initializer_range: float = 0.2):

@@ -44,6 +44,7 @@ def saved(tmp_path_factory):
     return folder
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("loader", ["PeftModel", "AutoPeftModelForCausalLM"])
 def test_an_adapter_loads_in_a_process_that_never_imports_peft_reft(saved, loader):
     load = {

@@ -153,6 +153,7 @@ def test_a_layer_that_dynamo_splits_still_trains_as_eager(component, checkpointi
         torch.testing.assert_close(grad, eager_grads[name], rtol=1e-4, atol=1e-6, msg=name)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("component", ["mlp_output"])
 def test_inductor_trains_a_checkpointed_component_edit_as_the_reference_says(component):
     model = _model(component, "non_reentrant")

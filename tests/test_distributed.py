@@ -1,6 +1,6 @@
-"""Two processes over gloo on this CPU: DDP with SFTTrainer, a plain accelerate loop, and examples/sft.py under
-`accelerate launch` (`accelerate launch --cpu --num_processes 2` runs ONE process on a CPU-only machine, so the tests
-use torchrun and `accelerate launch --multi_gpu`)."""
+"""Two processes over gloo on this CPU: DDP with SFTTrainer, FSDP2, DeepSpeed ZeRO-2/3 and a plain accelerate loop,
+against one process (`accelerate launch --cpu --num_processes 2` runs ONE process on a CPU-only machine, so the tests
+use torchrun; examples/sft.py under `accelerate launch --multi_gpu` is the README's command, run by test_readme.py)."""
 
 import contextlib
 import json
@@ -19,6 +19,8 @@ from transformers import AutoModelForCausalLM, LlamaConfig
 
 import peft_reft  # noqa: F401  (registers REFT with peft, needed by PeftModel.from_pretrained)
 
+# `pytest -n 2`: the multi-process tests run one at a time on one worker (two ranks each), beside the other's tests
+pytestmark = pytest.mark.xdist_group("multiprocess")
 ROOT = Path(__file__).resolve().parents[1]
 WORKERS = Path(__file__).resolve().parent / "distributed"
 
@@ -142,33 +144,6 @@ def test_accelerate_loop_syncs_init_grads_and_params_without_hanging(tmp_path):
         for name in g0:
             assert torch.equal(g0[name], g1[name]), (step, name)
     assert any(not torch.equal(rank0["initial"][n], rank0["final"][n]) for n in rank0["initial"])
-
-
-@pytest.mark.slow
-def test_sft_example_under_accelerate_launch(tmp_path):
-    torch.manual_seed(0)
-    AutoModelForCausalLM.from_config(LlamaConfig(
-        vocab_size=49152, hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=4,
-        num_key_value_heads=2, initializer_range=0.2,
-    )).save_pretrained(tmp_path / "model")
-    sys.path.insert(0, str(ROOT / "examples"))
-    from smollm2 import smollm2_path
-    from transformers import AutoTokenizer
-
-    AutoTokenizer.from_pretrained(smollm2_path()).save_pretrained(tmp_path / "model")
-    data = tmp_path / "data.jsonl"
-    data.write_text("\n".join(json.dumps({"prompt": f"Question {i}?", "completion": f" Answer {i % 3}."})
-                              for i in range(16)))
-    launch([sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
-            "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", "{port}",
-            str(ROOT / "examples" / "sft.py"), "--model_name_or_path", str(tmp_path / "model"),
-            "--dataset_name", str(data), "--output_dir", str(tmp_path / "out"), "--max_steps", "4",
-            "--per_device_train_batch_size", "2", "--use_cpu", "--report_to", "none", "--save_strategy", "no",
-            "--reft_layers", "0,2", "--reft_rank", "2", "--reft_positions", "f2+l2", "--logging_steps", "1",
-            "--ddp_find_unused_parameters", "false"])
-    assert (tmp_path / "out" / "adapter_model.safetensors").exists()
-    assert (tmp_path / "out" / "loss.png").exists()
-    assert json.loads((tmp_path / "out" / "adapter_config.json").read_text())["peft_type"] == "REFT"
 
 
 @pytest.fixture(scope="module")

@@ -61,6 +61,7 @@ def test_sft_script_on_local_data(tmp_path, suffix):
     assert (tmp_path / "out" / "loss.png").exists()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("script", ["sft.py", "dpo.py", "grpo.py"])
 def test_scripts_document_every_reft_flag(script):
     out = run([EXAMPLES / script, "--help"], cwd=ROOT)

@@ -188,6 +188,7 @@ def test_rolling_loglikelihood_refuses_prompt_positions_and_scores_all_positions
         assert abs(score - expected) < 2e-4
 
 
+@pytest.mark.slow
 def test_plain_lm_eval_refuses_prompt_positions_and_scores_all_positions_right(setup):
     folder, _ = setup
     with pytest.raises(ValueError, match="replaced by `python -m peft_reft.lm_eval`"):
@@ -208,6 +209,7 @@ def _cli(folder, command, tmp_path, batch_size):
                                                                                  "HF_HUB_OFFLINE": "1"})
 
 
+@pytest.mark.slow
 def test_the_one_swap_command_scores_as_the_python_entry_and_plain_lm_eval_names_it(setup, tmp_path):
     folder, _ = setup
     done = _cli(folder, [sys.executable, "-m", "peft_reft.lm_eval"], tmp_path, batch_size=2)

@@ -301,6 +301,7 @@ def test_packing_with_all_positions_trains(tokenizer, tmp_path):
     assert_learns(train(tokenizer, tmp_path, data, reft_config(positions="all"), packing=True))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("component", ["block_output", "mlp_output", "attention_output"])
 def test_torch_compile_trains_as_eager(tokenizer, tmp_path, component):
     """SFTConfig(torch_compile=True) with gradient checkpointing: the compiled run's losses and trained interventions
