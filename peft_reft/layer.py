@@ -197,10 +197,10 @@ class ReftLayer(nn.Module, BaseTunerLayer):
                 "per layer."
             )
         index = locations.clamp(min=0)
-        # eager training: the in-place functions above; without autograd (inference) the plain ops do the same with
-        # less overhead; under torch.compile the out-of-place ops, which the compiler may make in place where that is
-        # safe (an in-place custom function on a graph input, when dynamo splits the layer's graph, gets wrong
-        # gradients from AOT autograd)
+        # eager training: the in-place autograd functions (`_GatherTokens`, `_AddAtTokens`); without autograd
+        # (inference) the plain ops do the same with less overhead; under torch.compile the out-of-place ops, which
+        # the compiler may make in place where that is safe (an in-place custom function on a graph input, when
+        # dynamo splits the layer's graph, gets wrong gradients from AOT autograd)
         compiling = torch.compiler.is_compiling()
         tracked = torch.is_grad_enabled() and not compiling
         deltas = []

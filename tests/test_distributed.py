@@ -54,8 +54,8 @@ GLOO_ABORT = "terminate called without an active exception"
 
 def launch(command, timeout=150):
     """Run a multi-process command; on a timeout kill it with all its ranks and try once more on a fresh port, since
-    a gloo run on a loaded 2-core machine can stall; the same when a rank is aborted by gloo's C++ threads (FSDP2: once in
-    four suite runs, beside another test on 2 cores). A second stall or abort fails the test."""
+    a gloo run on a loaded 2-core machine can stall; the same when a rank is aborted by gloo's C++ threads (FSDP2:
+    once in four suite runs, beside another test on 2 cores). A second stall or abort fails the test."""
     for attempt in range(2):
         command = [str(part).replace("{port}", str(free_port())) for part in command]
         process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=_env(),
