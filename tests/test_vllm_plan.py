@@ -2,6 +2,7 @@
 edits, whatever the chunking; checked against a hand-written window rule and against the batch rule of `generate`.
 No vLLM needed."""
 
+import dataclasses
 import random
 
 import numpy as np
@@ -114,11 +115,14 @@ def test_prefix_cache_key_marks_exactly_the_blocks_with_edits():
     l4, f2l3, everything = ADAPTERS["l4"], ADAPTERS["f2l3"], ADAPTERS["all"]
     # a 100-token prompt, blocks of 32: the last-4 window (96..99) lies in block 3 only
     assert [block_extra_key(l4, 100, s, s + 32) for s in (0, 32, 64)] == [None, None, None]
-    assert block_extra_key(l4, 100, 96, 128) == ("reft", "l4", "/adapters/l4", (0, 0, 0, 0) + (-1,) * 28)
+    assert block_extra_key(l4, 100, 96, 128) == ("reft", "l4", (0, 0, 0, 0) + (-1,) * 28)
     # the same tokens under a prompt of another length are edited elsewhere: another key
-    assert block_extra_key(l4, 99, 64, 96)[3][-2:] == (-1, 0)  # token 95 is in the window of a 99-token prompt
-    assert block_extra_key(f2l3, 100, 0, 32)[3][:3] == (0, 0, -1)
+    assert block_extra_key(l4, 99, 64, 96)[2][-2:] == (-1, 0)  # token 95 is in the window of a 99-token prompt
+    assert block_extra_key(f2l3, 100, 0, 32)[2][:3] == (0, 0, -1)
     assert block_extra_key(f2l3, 100, 32, 64) is None
-    assert block_extra_key(f2l3, 100, 96, 128)[3][:4] == (-1, 1, 1, 1)
+    assert block_extra_key(f2l3, 100, 96, 128)[2][:4] == (-1, 1, 1, 1)
     assert block_extra_key(f2l3, 100, 128, 160) is None  # generated tokens of a prompt adapter: not edited
-    assert block_extra_key(everything, 100, 128, 160) == ("reft", "all", "/adapters/all", "all")
+    assert block_extra_key(everything, 100, 128, 160) == ("reft", "all", "all")
+    # the adapter's name loaded again (at run time) is another load: its blocks are keyed apart from the first one's
+    reloaded = dataclasses.replace(l4, uid="l4@2")
+    assert block_extra_key(reloaded, 100, 96, 128) == ("reft", "l4@2", (0, 0, 0, 0) + (-1,) * 28)

@@ -24,7 +24,12 @@ from ..interventions import build_intervention
 from ..positions import PositionSpec
 
 ADAPTERS_KEY = "reft_adapters"  # vLLM's `additional_config`: {adapter name: adapter folder}
+MAX_ADAPTERS_KEY = "max_reft_adapters"  # vLLM's `additional_config`: how many adapters the engine holds at once
+DEFAULT_MAX_ADAPTERS = 64
 REQUEST_KEY = "reft_adapter"  # a request's `SamplingParams.extra_args` (the server's `vllm_xargs`): the adapter's name
+# set by the engine's front end on its own copy of a request's sampling parameters: which load of the named adapter
+# serves the request (a name reused after an unload is another adapter, with KV cache blocks of its own)
+UID_KEY = "reft_adapter_uid"
 CONFIG_FILE = "adapter_config.json"
 WEIGHTS_FILE = "adapter_model.safetensors"
 # decoder layers whose forward returns `(branch output, residual)`, the block output being their sum: the layout the
@@ -40,6 +45,12 @@ class ServedAdapter:
     name: str
     path: str
     config: ReftConfig
+    # this load of the adapter: its name for adapters declared at start-up, `name@<random>` for one loaded at run time
+    uid: str = ""
+
+    def __post_init__(self):
+        if not self.uid:
+            object.__setattr__(self, "uid", self.name)
 
     @property
     def spec(self) -> PositionSpec:
@@ -54,23 +65,55 @@ class ServedAdapter:
         return self.config.num_groups
 
 
+def reft_enabled(additional_config: Any) -> bool:
+    """Whether an engine serves ReFT adapters: its `additional_config` declares some (`reft_adapters`) or makes room
+    for adapters loaded at run time (`max_reft_adapters`), as `enable_lora` / `max_loras` do for LoRA."""
+    return isinstance(additional_config, Mapping) and (
+        ADAPTERS_KEY in additional_config or MAX_ADAPTERS_KEY in additional_config)
+
+
+def max_adapters(additional_config: Any) -> int:
+    """How many ReFT adapters the engine holds at once (`max_reft_adapters`, default 64)."""
+    limit = additional_config.get(MAX_ADAPTERS_KEY, DEFAULT_MAX_ADAPTERS) if isinstance(
+        additional_config, Mapping) else DEFAULT_MAX_ADAPTERS
+    if not isinstance(limit, int) or isinstance(limit, bool) or limit < 1:
+        raise ValueError(f"additional_config[{MAX_ADAPTERS_KEY!r}] must be a positive integer; got {limit!r}.")
+    return limit
+
+
 def declared_adapters(additional_config: Any) -> dict[str, str]:
     """The adapters declared in vLLM's `additional_config` (`{"reft_adapters": {name: folder}}`), {} if none."""
     if not isinstance(additional_config, Mapping) or ADAPTERS_KEY not in additional_config:
         return {}
     declared = additional_config[ADAPTERS_KEY]
-    if not isinstance(declared, Mapping) or not declared or not all(
+    if not isinstance(declared, Mapping) or not all(
         isinstance(name, str) and name and isinstance(path, str) and path for name, path in declared.items()
-    ):
+    ) or not (declared or MAX_ADAPTERS_KEY in additional_config):
         raise ValueError(
             f"additional_config[{ADAPTERS_KEY!r}] must map adapter names to adapter folders, e.g. "
             f'{{"{ADAPTERS_KEY}": {{"emoji": "outputs/reft-emoji"}}}}; got {declared!r}.'
         )
+    limit = max_adapters(additional_config)
+    if len(declared) > limit:
+        raise ValueError(
+            f"{len(declared)} ReFT adapters are declared, more than the engine holds ({MAX_ADAPTERS_KEY}={limit}): "
+            f'raise it, e.g. additional_config {{"{MAX_ADAPTERS_KEY}": {len(declared)}, ...}}.'
+        )
     return dict(declared)
 
 
-def read_adapter(name: str, path: str) -> ServedAdapter:
-    """Read and check the config of the adapter saved in `path` (`save_pretrained`'s folder)."""
+def is_reft_folder(path: str) -> bool:
+    """Whether `path` holds a saved adapter whose config says it is a ReFT adapter (JSON only; a LoRA folder is not)."""
+    try:
+        fields = json.loads((Path(path).expanduser() / CONFIG_FILE).read_text())
+    except (OSError, ValueError):
+        return False
+    return isinstance(fields, dict) and fields.get("peft_type") == "REFT"
+
+
+def read_adapter(name: str, path: str, uid: str = "") -> ServedAdapter:
+    """Read and check the config of the adapter saved in `path` (`save_pretrained`'s folder); `uid`: which load of
+    the adapter this is (default: its name, as for adapters declared at start-up)."""
     folder = Path(path).expanduser()
     config_file = folder / CONFIG_FILE
     if not config_file.is_file() or not (folder / WEIGHTS_FILE).is_file():
@@ -103,7 +146,7 @@ def read_adapter(name: str, path: str) -> ServedAdapter:
             f"ReFT adapter {name!r} ({folder}) cannot be served with vLLM: it has {'; '.join(unsupported)}, which "
             "the vLLM integration does not apply. Serve it with `PeftModel.generate`, or train an adapter without them."
         )
-    return ServedAdapter(name=name, path=str(folder), config=config)
+    return ServedAdapter(name=name, path=str(folder), config=config, uid=uid)
 
 
 def _tensor_shapes(adapter: ServedAdapter) -> dict[tuple[int, int, str], tuple[int, ...]]:

@@ -54,19 +54,39 @@ def _edited_block(branch: torch.Tensor, residual: torch.Tensor, interventions: n
 
 
 class LayerEdits:
-    """The served adapters' interventions at one decoder layer: `by_component[component][adapter]` is the adapter's
-    `ModuleList` (index = group). Registered as forward hooks; owns no state of a step."""
+    """The served adapters' interventions at one decoder layer: `by_component[component][uid]` is the adapter's
+    `ModuleList` (index = group). Its methods are the layer's forward hooks; it owns no state of a step. The
+    interventions are not registered as submodules: vLLM's model keeps exactly its own modules (and weights)."""
 
     def __init__(self, layer_index: int):
         self.layer_index = layer_index
-        self.by_component: dict[str, dict[str, nn.ModuleList]] = {}
+        self.by_component: dict[str, dict[str, nn.ModuleList]] = {
+            component: {} for component in ("block_output", "mlp_output", "attention_output")}
+        self.handles: list[Any] = []
+        self._attention_hooked = False
+
+    def attach(self, layer: nn.Module) -> None:
+        """Hook the layer (`block_output` and `mlp_output` edits)."""
+        self.handles.append(layer.register_forward_hook(self.edit_layer))
+
+    def add(self, uid: str, component: str, interventions: nn.ModuleList, layer: nn.Module) -> None:
+        """Edit `component` of the layer with `interventions` for the requests of adapter `uid`."""
+        if component == "attention_output" and not self._attention_hooked:
+            attention = component_module(layer, "attention_output")
+            self.handles.append(attention.register_forward_hook(self.edit_attention))
+            self._attention_hooked = True
+        self.by_component[component][uid] = interventions
+
+    def remove(self, uid: str) -> None:
+        for adapters in self.by_component.values():
+            adapters.pop(uid, None)
 
     def _work(self, component: str) -> list[tuple[nn.ModuleList, list[torch.Tensor]]]:
         edits = _STEP_EDITS.get()
         if not edits:
             return []
         adapters = self.by_component[component]
-        return [(adapters[name], groups) for name, groups in edits.items() if name in adapters]
+        return [(adapters[uid], groups) for uid, groups in edits.items() if uid in adapters]
 
     def edit_layer(self, module: nn.Module, args: Any, output: Any) -> Any:
         """Forward hook on the decoder layer: `block_output` and `mlp_output` edits."""
@@ -94,24 +114,3 @@ def _layer_output(module: nn.Module, output: Any) -> tuple[torch.Tensor, torch.T
             "edits; this model is not supported."
         )
     return output
-
-
-def attach_edits(layers: nn.ModuleList, served: dict[str, tuple[str, dict[int, nn.ModuleList]]]) -> list[Any]:
-    """Hook the adapters' interventions into vLLM's decoder `layers`. `served`: adapter name -> (component, layer index
-    -> interventions). The interventions are not registered as submodules: vLLM's model keeps exactly its own modules
-    (and weights). Returns the hook handles."""
-    per_layer: dict[int, LayerEdits] = {}
-    for name, (component, interventions_at) in served.items():
-        for index, interventions in interventions_at.items():
-            edits = per_layer.setdefault(index, LayerEdits(index))
-            edits.by_component.setdefault(component, {})[name] = interventions
-    handles = []
-    for index, edits in per_layer.items():
-        layer = layers[index]
-        for component in ("block_output", "mlp_output", "attention_output"):
-            edits.by_component.setdefault(component, {})
-        handles.append(layer.register_forward_hook(edits.edit_layer))
-        if edits.by_component["attention_output"]:
-            attention = component_module(layer, "attention_output")
-            handles.append(attention.register_forward_hook(edits.edit_attention))
-    return handles

@@ -22,37 +22,88 @@ import os
 import weakref
 from typing import Any, Optional
 
-from .adapters import ADAPTERS_KEY, REQUEST_KEY, ServedAdapter, check_fits, declared_adapters, read_adapter
+from .adapters import (
+    ADAPTERS_KEY,
+    MAX_ADAPTERS_KEY,
+    REQUEST_KEY,
+    UID_KEY,
+    ServedAdapter,
+    check_fits,
+    declared_adapters,
+    max_adapters,
+    read_adapter,
+    reft_enabled,
+)
 
 logger = logging.getLogger("peft_reft.vllm")
 
-# adapter name -> adapter, for the engine this process serves (set from the engine's config in each process)
+# adapter uid -> adapter, every adapter this process has served (the engine core's prefix-cache hash reads it)
 _SERVED: dict[str, ServedAdapter] = {}
-# vLLM model -> the adapters hooked into it
-_MODELS: "weakref.WeakKeyDictionary[Any, dict[str, ServedAdapter]]" = weakref.WeakKeyDictionary()
+# vLLM model -> the ReFT adapters hooked into it (worker processes)
+_MODELS: "weakref.WeakKeyDictionary[Any, Any]" = weakref.WeakKeyDictionary()
+# vLLM input processor (one per engine front end) -> the adapters that engine serves, by name
+_FRONT_ENDS: "weakref.WeakKeyDictionary[Any, FrontEnd]" = weakref.WeakKeyDictionary()
 _REGISTERED = False
 
 
+def _text_config(vllm_config: Any) -> Any:
+    config = vllm_config.model_config.hf_config
+    return config.get_text_config() if hasattr(config, "get_text_config") else config
+
+
 def served_adapters(vllm_config: Any) -> dict[str, ServedAdapter]:
-    """Read and check the adapters that `vllm_config.additional_config` declares; they become this process's served
-    adapters. {} if none are declared."""
+    """Read and check the adapters that `vllm_config.additional_config` declares (by name; {} if none); this process
+    learns their position rules."""
     declared = declared_adapters(getattr(vllm_config, "additional_config", None))
-    if not declared:
-        return {}
     adapters = {name: read_adapter(name, path) for name, path in declared.items()}
-    text = vllm_config.model_config.hf_config
-    text = text.get_text_config() if hasattr(text, "get_text_config") else text
+    text = _text_config(vllm_config)
     for adapter in adapters.values():
         check_fits(adapter, list(getattr(vllm_config.model_config.hf_config, "architectures", None) or []),
                    text.hidden_size, text.num_hidden_layers)
-    _SERVED.clear()
-    _SERVED.update(adapters)
+        _SERVED[adapter.uid] = adapter
     return adapters
+
+
+class FrontEnd:
+    """The ReFT adapters one engine serves, by name, as its front end knows them (requests are checked and stamped
+    with their adapter's uid here; the OpenAI server lists, loads and unloads them here)."""
+
+    def __init__(self, vllm_config: Any):
+        additional = vllm_config.additional_config
+        self.limit = max_adapters(additional)
+        self._by_name: dict[str, ServedAdapter] = {
+            name: read_adapter(name, path) for name, path in declared_adapters(additional).items()}
+
+    def get(self, name: Optional[str]) -> Optional[ServedAdapter]:
+        return self._by_name.get(name) if name is not None else None
+
+    def names(self) -> list[str]:
+        return list(self._by_name)
+
+    def adapters(self) -> list[ServedAdapter]:
+        return list(self._by_name.values())
+
+    def add(self, adapter: ServedAdapter) -> None:
+        self._by_name[adapter.name] = adapter
+
+    def remove(self, name: str) -> Optional[ServedAdapter]:
+        return self._by_name.pop(name, None)
+
+
+def front_end(input_processor: Any) -> Optional[FrontEnd]:
+    """The ReFT adapters of the engine whose front end `input_processor` is; None if it serves no ReFT."""
+    front = _FRONT_ENDS.get(input_processor)
+    if front is None:
+        vllm_config = getattr(input_processor, "vllm_config", None)
+        if vllm_config is None or not reft_enabled(getattr(vllm_config, "additional_config", None)):
+            return None
+        front = _FRONT_ENDS[input_processor] = FrontEnd(vllm_config)
+    return front
 
 
 def check_engine(vllm_config: Any) -> None:
     """Refuse engine features with which ReFT edits would be skipped or misplaced."""
-    names = sorted(_SERVED)
+    names = sorted(declared_adapters(vllm_config.additional_config)) or "(loaded at run time)"
     problems = []
     parallel = vllm_config.parallel_config
     if parallel.pipeline_parallel_size > 1 or parallel.tensor_parallel_size > 1:
@@ -75,7 +126,7 @@ def check_engine(vllm_config: Any) -> None:
 
 
 def _create_engine_config(original, self, *args, **kwargs):
-    if declared_adapters(self.additional_config):
+    if reft_enabled(self.additional_config):
         if not self.enforce_eager:
             logger.warning("ReFT adapters are served: enforce_eager switched on (the integration edits hidden states "
                            "from Python hooks, which compiled graphs and CUDA graphs would skip).")
@@ -84,9 +135,12 @@ def _create_engine_config(original, self, *args, **kwargs):
             os.environ["VLLM_USE_V2_MODEL_RUNNER"] = "0"  # inherited by the engine's processes
             logger.warning("ReFT adapters are served: the V1 model runner is used (VLLM_USE_V2_MODEL_RUNNER=0).")
     vllm_config = original(self, *args, **kwargs)
-    if served_adapters(vllm_config):
+    if reft_enabled(vllm_config.additional_config):
+        adapters = served_adapters(vllm_config)
         check_engine(vllm_config)
-        logger.warning("ReFT adapters served: %s", ", ".join(f"{a.name} ({a.path})" for a in _SERVED.values()))
+        logger.warning("ReFT adapters served: %s (room for %d)",
+                       ", ".join(f"{a.name} ({a.path})" for a in adapters.values()) or "none yet",
+                       max_adapters(vllm_config.additional_config))
     return vllm_config
 
 
@@ -96,62 +150,95 @@ def request_adapter(sampling_params: Any) -> Optional[str]:
     return extra.get(REQUEST_KEY) if isinstance(extra, dict) else None
 
 
-def check_request(sampling_params: Any, served: dict[str, Any]) -> None:
-    """A ValueError if the request names an adapter that is not served (`served`: the served adapters by name)."""
+def request_uid(sampling_params: Any) -> Optional[str]:
+    """Which load of its adapter serves a request (stamped by the front end), or None (the base model)."""
+    extra = getattr(sampling_params, "extra_args", None)
+    if not isinstance(extra, dict) or extra.get(REQUEST_KEY) is None:
+        return None
+    return extra.get(UID_KEY) or extra[REQUEST_KEY]
+
+
+def check_request(sampling_params: Any, served: Any) -> None:
+    """A ValueError if the request names an adapter that is not served (`served`: the served names)."""
     name = request_adapter(sampling_params)
     if name is not None and name not in served:
-        available = sorted(served) or "none (declare them in additional_config['reft_adapters'])"
+        available = sorted(served) or f"none (declare them in additional_config[{ADAPTERS_KEY!r}])"
         raise ValueError(f"ReFT adapter {name!r} is not served; served adapters: {available}.")
 
 
-def _validate_params(original, self, params, *args, **kwargs):
-    result = original(self, params, *args, **kwargs)
-    if request_adapter(params) is not None:
-        from vllm.exceptions import VLLMValidationError
+def _params_argument(args: tuple, kwargs: dict) -> Any:
+    return kwargs["params"] if "params" in kwargs else (args[2] if len(args) > 2 else None)
 
-        declared = declared_adapters(getattr(self.vllm_config, "additional_config", None))  # this engine's names
-        try:
-            check_request(params, declared)
-        except ValueError as error:  # a bad request (HTTP 400 from the server), and a ValueError offline
-            raise type("UnknownReftAdapterError", (VLLMValidationError, ValueError), {})(
-                str(error), parameter="vllm_xargs", value=request_adapter(params)) from None
-    return result
+
+def _process_inputs(original, self, *args, **kwargs):
+    """`InputProcessor.process_inputs`: the adapter a request names must be served by this engine (else a bad request,
+    HTTP 400 from the server, a ValueError offline); the engine's copy of the request carries the adapter's uid."""
+    params = _params_argument(args, kwargs)
+    name = request_adapter(params)
+    front = front_end(self)
+    adapter = None
+    if name is not None:
+        adapter = front.get(name) if front is not None else None
+        if adapter is None:
+            from vllm.exceptions import VLLMValidationError
+
+            try:
+                check_request(params, front.names() if front is not None else [])
+            except ValueError as error:
+                raise type("UnknownReftAdapterError", (VLLMValidationError, ValueError), {})(
+                    str(error), parameter="vllm_xargs", value=name) from None
+    request = original(self, *args, **kwargs)
+    sampling = getattr(request, "sampling_params", None)
+    extra = getattr(sampling, "extra_args", None)
+    if adapter is not None or (isinstance(extra, dict) and UID_KEY in extra):
+        extra = dict(extra or {})
+        if adapter is not None:
+            extra[UID_KEY] = adapter.uid
+        else:
+            extra.pop(UID_KEY)
+        sampling.extra_args = extra
+    return request
 
 
 def _load_model(original, self, vllm_config, model_config, *args, **kwargs):
     model = original(self, vllm_config, model_config, *args, **kwargs)
-    adapters = served_adapters(vllm_config)
-    if adapters:
-        _attach(model, adapters, vllm_config)
+    if reft_enabled(getattr(vllm_config, "additional_config", None)):
+        from .worker import ServedModel, find_layer_stack
+
+        text = _text_config(vllm_config)
+        served = ServedModel(find_layer_stack(model, text.num_hidden_layers),
+                             list(getattr(vllm_config.model_config.hf_config, "architectures", None) or []),
+                             text.hidden_size, next(model.parameters()).device)
+        for adapter in served_adapters(vllm_config).values():
+            served.add(adapter)
+        _MODELS[model] = served
     return model
 
 
-def _attach(model: Any, adapters: dict[str, ServedAdapter], vllm_config: Any) -> None:
-    import torch
-
-    from .adapters import load_interventions
-    from .edits import attach_edits
-
-    text = vllm_config.model_config.hf_config
-    text = text.get_text_config() if hasattr(text, "get_text_config") else text
-    stacks = [m for m in model.modules() if isinstance(m, torch.nn.ModuleList) and len(m) == text.num_hidden_layers]
-    if len(stacks) != 1:
-        raise ValueError(
-            f"ReFT: cannot find the decoder layers of {type(model).__name__} (found {len(stacks)} lists of "
-            f"{text.num_hidden_layers} modules); this model is not supported by the vLLM integration."
+def served_model_of_worker(worker: Any):
+    """The `ServedModel` of a vLLM worker (its model runner's model)."""
+    model = getattr(getattr(worker, "model_runner", None), "model", None)
+    served = _MODELS.get(model) if model is not None else None
+    if served is None and len(_MODELS) == 1:
+        served = next(iter(_MODELS.values()))
+    if served is None:
+        raise RuntimeError(
+            "ReFT: this engine's model serves no ReFT adapters; start the engine with additional_config "
+            f'{{"{MAX_ADAPTERS_KEY}": N}} (or declared "{ADAPTERS_KEY}") to load adapters at run time.'
         )
-    device = next(model.parameters()).device
-    served = {
-        adapter.name: (adapter.config.component, load_interventions(adapter, text.hidden_size, device))
-        for adapter in adapters.values()
-    }
-    attach_edits(stacks[0], served)
-    _MODELS[model] = dict(adapters)
+    return served
+
+
+def add_adapter_in_worker(worker: Any, name: str, path: str, uid: str) -> str:
+    adapter = read_adapter(name, path, uid)
+    served_model_of_worker(worker).add(adapter)
+    _SERVED[uid] = adapter  # the engine core, where it shares the worker's process, hashes its blocks finely
+    return uid
 
 
 def _model_forward(original, self, *args, **kwargs):
-    adapters = _MODELS.get(getattr(self, "model", None))
-    if not adapters:
+    served = _MODELS.get(getattr(self, "model", None))
+    if served is None or not (served.adapters or served.retired):
         return original(self, *args, **kwargs)
     from .edits import running_step
     from .plan import step_edits
@@ -161,23 +248,27 @@ def _model_forward(original, self, *args, **kwargs):
     row_adapters = []
     for req_id in batch.req_ids[:num_reqs]:
         sampling_params = self.requests[req_id].sampling_params
-        check_request(sampling_params, adapters)  # the front end has checked; a request that bypassed it stops here
-        row_adapters.append(request_adapter(sampling_params))
-    edits = step_edits(adapters, row_adapters, self.query_start_loc.np[: num_reqs + 1],
+        uid = request_uid(sampling_params)
+        if uid is not None and uid not in served.adapters:  # the front end has checked; a bypass stops here
+            check_request(sampling_params, [])
+        row_adapters.append(uid)
+    edits = step_edits(served.adapters, row_adapters, self.query_start_loc.np[: num_reqs + 1],
                        batch.num_computed_tokens_cpu[:num_reqs], batch.num_prompt_tokens[:num_reqs],
                        device=self.device) if any(row_adapters) else {}
+    if served.retired:
+        served.drop_retired(request_uid(state.sampling_params) for state in self.requests.values())
     with running_step(edits):
         return original(self, *args, **kwargs)
 
 
 def _block_extra_keys(original, request, start_token_idx, end_token_idx, *args, **kwargs):
     keys, next_index = original(request, start_token_idx, end_token_idx, *args, **kwargs)
-    name = request_adapter(getattr(request, "sampling_params", None))
-    if name is None:
+    uid = request_uid(getattr(request, "sampling_params", None))
+    if uid is None:
         return keys, next_index
-    adapter = _SERVED.get(name)
-    if adapter is None:  # the rule is unknown here: keep every block of this adapter and prompt length apart
-        key = ("reft", name, "prompt", request.num_prompt_tokens)
+    adapter = _SERVED.get(uid)
+    if adapter is None:  # rule unknown here: every block of this load and prompt length apart
+        key = ("reft", uid, "prompt", request.num_prompt_tokens)
     else:
         from .prefix_cache import block_extra_key
 
@@ -220,8 +311,21 @@ def register() -> None:
 
     _wrap(EngineArgs, "create_engine_config", _create_engine_config)
     _wrap(BaseModelLoader, "load_model", _load_model)
+    from vllm.v1.worker.worker_base import WorkerBase
+
+    from . import server
+    from .worker import WorkerMethods
+
+    for method in ("peft_reft_add_adapter", "peft_reft_retire_adapter", "peft_reft_adapters"):
+        setattr(WorkerBase, method, getattr(WorkerMethods, method))
     after_import("vllm.v1.engine.input_processor",
-                 lambda module: _wrap(module.InputProcessor, "_validate_params", _validate_params))
+                 lambda module: _wrap(module.InputProcessor, "process_inputs", _process_inputs))
+    after_import("vllm.entrypoints.serve.engine.serving", lambda module: (
+        _wrap(module.BaseServing, "_check_model", server.check_model),
+        _wrap(module.BaseServing, "_maybe_get_adapters", server.maybe_get_adapters)))
+    after_import("vllm.entrypoints.openai.models.serving", lambda module: [
+        _wrap(module.OpenAIServingModels, name, getattr(server, name))
+        for name in ("model_name", "show_available_models", "load_lora_adapter", "unload_lora_adapter")])
     after_import("vllm.v1.worker.gpu_model_runner",
                  lambda module: _wrap(module.GPUModelRunner, "_model_forward", _model_forward))
     after_import("vllm.v1.core.sched.scheduler", lambda module: _wrap(module.Scheduler, "__init__", _scheduler_init))

@@ -22,11 +22,11 @@ def block_extra_key(adapter: ServedAdapter, prompt_length: int, start: int, end:
     """The extra hash key of the block of tokens `[start, end)` of a request served by `adapter` whose prompt has
     `prompt_length` tokens: None if the adapter edits none of them."""
     if adapter.spec.all:
-        return ("reft", adapter.name, adapter.path, "all")
+        return ("reft", adapter.uid, "all")
     if start >= prompt_length:
         return None
     groups = request_token_groups(adapter.spec, adapter.share_weights, torch.arange(start, end),
                                   torch.tensor(prompt_length))
     if not bool((groups >= 0).any()):
         return None
-    return ("reft", adapter.name, adapter.path, tuple(groups.tolist()))
+    return ("reft", adapter.uid, tuple(groups.tolist()))

@@ -1,0 +1,93 @@
+"""The ReFT adapters one vLLM worker holds for its model: added at start-up and at run time, retired when unloaded.
+
+A worker's model gets one `ServedModel` when its weights are loaded (in an engine that serves ReFT). Adapters are kept
+by uid (one load of an adapter, see `ServedAdapter.uid`), so a request keeps the adapter it started with when the
+name is unloaded or loaded again while it runs: a retired adapter's interventions are dropped once no request of the
+model runner still names it. The front end reaches a worker through vLLM's `collective_rpc` with the methods of
+`WorkerMethods`, which the plugin adds to vLLM's worker base class.
+"""
+
+from __future__ import annotations
+
+from typing import Iterable
+
+import torch
+from torch import nn
+
+from .adapters import ServedAdapter, check_fits, load_interventions
+from .edits import LayerEdits
+
+
+class ServedModel:
+    """A vLLM model's decoder `layers` and the ReFT adapters hooked into them."""
+
+    def __init__(self, layers: nn.ModuleList, architectures: list[str], hidden_size: int, device: torch.device):
+        self.layers = layers
+        self.architectures = architectures
+        self.hidden_size = hidden_size
+        self.device = device
+        self.adapters: dict[str, ServedAdapter] = {}  # uid -> adapter
+        self.retired: set[str] = set()
+        self._edits: dict[int, LayerEdits] = {}
+
+    def add(self, adapter: ServedAdapter) -> None:
+        """Check `adapter` against the model, build its interventions and hook them into their layers."""
+        check_fits(adapter, self.architectures, self.hidden_size, len(self.layers))
+        interventions = load_interventions(adapter, self.hidden_size, self.device)
+        for index, modules in interventions.items():
+            edits = self._edits.get(index)
+            if edits is None:
+                edits = self._edits[index] = LayerEdits(index)
+                edits.attach(self.layers[index])
+            edits.add(adapter.uid, adapter.config.component, modules, self.layers[index])
+        self.adapters[adapter.uid] = adapter
+        self.retired.discard(adapter.uid)
+
+    def retire(self, uid: str) -> None:
+        """No new request names this adapter; its interventions go once the requests that do have finished."""
+        if uid in self.adapters:
+            self.retired.add(uid)
+
+    def drop_retired(self, in_use: Iterable[str]) -> None:
+        """Drop the retired adapters that no request in `in_use` (the uids of the runner's requests) names."""
+        for uid in self.retired - set(in_use):
+            for edits in self._edits.values():
+                edits.remove(uid)
+            del self.adapters[uid]
+            self.retired.discard(uid)
+
+
+class WorkerMethods:
+    """What the front end asks of every worker through `collective_rpc` (method names start with `peft_reft_`)."""
+
+    def peft_reft_add_adapter(self, name: str, path: str, uid: str) -> str:
+        """Load the ReFT adapter saved in `path` as `name` (this load: `uid`) into the worker's model."""
+        from .plugin import add_adapter_in_worker
+
+        return add_adapter_in_worker(self, name, path, uid)
+
+    def peft_reft_retire_adapter(self, uid: str) -> None:
+        """Retire the adapter loaded as `uid`: its interventions go once no request names it."""
+        from .plugin import served_model_of_worker
+
+        served_model_of_worker(self).retire(uid)
+
+    def peft_reft_adapters(self) -> list[str]:
+        """The uids of the adapters the worker holds (retired ones still in use included)."""
+        from .plugin import served_model_of_worker
+
+        return sorted(served_model_of_worker(self).adapters)
+
+
+def find_layer_stack(model: nn.Module, num_layers: int) -> nn.ModuleList:
+    """The `ModuleList` of a vLLM model's `num_layers` decoder layers."""
+    stacks = [m for m in model.modules() if isinstance(m, nn.ModuleList) and len(m) == num_layers]
+    if len(stacks) != 1:
+        raise ValueError(
+            f"ReFT: cannot find the decoder layers of {type(model).__name__} (found {len(stacks)} lists of "
+            f"{num_layers} modules); this model is not supported by the vLLM integration."
+        )
+    return stacks[0]
+
+
+__all__ = ["ServedModel", "WorkerMethods", "find_layer_stack"]
