@@ -20,12 +20,10 @@ if os.environ.get("PEFT_REFT_REQUIRE_VLLM") != "1":
     pytest.importorskip("vllm", reason="vLLM is not installed here; `make test` runs this module with vLLM")
 
 from peft import LoraConfig, PeftModel, get_peft_model  # noqa: E402
-from transformers import AutoModelForCausalLM, AutoTokenizer, GPT2Config, LlamaConfig, Qwen2Config  # noqa: E402
-
-from peft_reft import ReftConfig  # noqa: E402
+from transformers import AutoModelForCausalLM, GPT2Config  # noqa: E402
+from vllm_models import NEW_TOKENS, prompts_of, reference_tokens, save_adapter, save_base, smollm2_tokenizer  # noqa: E402
 
 ENGINE_SCRIPT = Path(__file__).with_name("vllm_engine.py")
-NEW_TOKENS = 12
 # one adapter per intervention type; every position form; several layers; all three components
 LLAMA_ADAPTERS = {
     "loreft_f2l2": dict(intervention="loreft", layers=[0, 2], positions="f2+l2", share_weights=False),
@@ -43,52 +41,6 @@ PROMPT_LENGTHS = (1, 3, 6, 11, 40, 70)  # 1 and 3: shorter than the windows
 LONG = 100  # prefix caching: three full blocks of 32 before the last-3 window
 
 
-def smollm2_tokenizer():
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples"))
-    from smollm2 import smollm2_path
-
-    return AutoTokenizer.from_pretrained(smollm2_path())
-
-
-def save_base(folder: Path, arch: str, tokenizer, hidden: int = 64, layers: int = 4) -> Path:
-    classes = {"llama": LlamaConfig, "qwen2": Qwen2Config}
-    config = classes[arch](
-        vocab_size=len(tokenizer), hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=layers,
-        num_attention_heads=2, num_key_value_heads=1, initializer_range=0.2, max_position_embeddings=256,
-        pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id, bos_token_id=tokenizer.bos_token_id,
-        tie_word_embeddings=False,
-    )
-    torch.manual_seed(0)
-    AutoModelForCausalLM.from_config(config).save_pretrained(folder)
-    tokenizer.save_pretrained(folder)
-    return folder
-
-
-def save_adapter(base: Path, folder: Path, seed: int = 1, **config) -> Path:
-    """A ReFT adapter with random weights, large enough to change greedy tokens."""
-    torch.manual_seed(seed)
-    model = get_peft_model(AutoModelForCausalLM.from_pretrained(base), ReftConfig(init_weights=False, **config))
-    with torch.no_grad():
-        for parameter in model.parameters():
-            if parameter.requires_grad:
-                parameter.mul_(3.0)
-    model.save_pretrained(folder)
-    return folder
-
-
-def reference_tokens(base: Path, adapter: Path | None, prompts: list[list[int]]) -> list[list[int]]:
-    model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32).eval()
-    if adapter is not None:
-        model = PeftModel.from_pretrained(model, adapter).eval()
-    tokens = []
-    for prompt in prompts:
-        ids = torch.tensor([prompt])
-        out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=NEW_TOKENS,
-                             do_sample=False)
-        tokens.append(out[0, ids.shape[1]:].tolist())
-    return tokens
-
-
 def run_engine(tmp_path: Path, model: Path, engine: dict, batches: list) -> dict:
     spec, result = tmp_path / "spec.json", tmp_path / "result.json"
     spec.write_text(json.dumps({"model": str(model), "engine": engine, "batches": batches}))
@@ -96,11 +48,6 @@ def run_engine(tmp_path: Path, model: Path, engine: dict, batches: list) -> dict
                           text=True, timeout=600)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-6000:]
     return json.loads(result.read_text())
-
-
-def prompts_of(lengths, seed: int, vocab: int) -> list[list[int]]:
-    generator = torch.Generator().manual_seed(seed)
-    return [torch.randint(3, vocab, (n,), generator=generator).tolist() for n in lengths]
 
 
 def request(prompt, adapter=None):
