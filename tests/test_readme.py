@@ -44,7 +44,8 @@ NOT_RUN = {
     "make test": "this test suite itself",
     "pip install": "the install step of `make test` (Makefile `install`) runs these",
     "python examples/vllm_serving.py": "run by `test_serving_with_vllm` (in `make test`'s vLLM environment)",
-    "vllm serve": "run by `test_serving_with_vllm` (in `make test`'s vLLM environment)",
+    "VLLM_ALLOW_RUNTIME_LORA_UPDATING=True vllm serve": "run by `test_serving_with_vllm` (in `make test`'s vLLM "
+                                                        "environment)",
 }
 
 
@@ -261,14 +262,19 @@ def reference_answers(outputs: Path, prompt: str, max_tokens: int = 32) -> dict:
     return {k: tokenizer.decode(v[0, ids["input_ids"].shape[1]:], skip_special_tokens=True) for k, v in answers.items()}
 
 
-def serving_commands() -> list[list[str]]:
-    """The README's serving commands as argv lists (split once, so that the quoted JSON stays one argument)."""
+def serving_commands() -> list[tuple[dict, list[str]]]:
+    """The README's serving commands as (environment variables set on the line, argv) (split once, so that the quoted
+    JSON stays one argument)."""
     commands = []
     for block in re.findall(r"```bash\n(.*?)```", (ROOT / "README.md").read_text(), flags=re.S):
         for line in block.replace("\\\n", " ").splitlines():
             argv = shlex.split(line, comments=True)
+            variables = {}
+            while argv and re.fullmatch(r"[A-Z_]+=\S*", argv[0]):
+                name, _, value = argv.pop(0).partition("=")
+                variables[name] = value
             if argv[:2] in (["python", "examples/vllm_serving.py"], ["vllm", "serve"]):
-                commands.append(argv)
+                commands.append((variables, argv))
     return commands
 
 
@@ -281,7 +287,7 @@ def test_serving_with_vllm(tmp_path):
     import openai
     import requests
 
-    offline, serve = serving_commands()
+    (_, offline), (serve_env, serve) = serving_commands()
     (tmp_path / "examples").symlink_to(ROOT / "examples")
     save_adapter_and_link(tmp_path / "outputs", scale=4.0)
     expected = reference_answers(tmp_path / "outputs", "Who are you?")
@@ -294,8 +300,9 @@ def test_serving_with_vllm(tmp_path):
     for adapter, answer in expected.items():
         assert f"[{adapter or 'base'}] Who are you? -> {answer!r}" in out.stdout, (out.stdout, expected)
 
-    server = subprocess.Popen([console_script("vllm"), *serve[1:]], cwd=tmp_path, env=run_env, text=True,
-                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    assert serve_env == {"VLLM_ALLOW_RUNTIME_LORA_UPDATING": "True"}
+    server = subprocess.Popen([console_script("vllm"), *serve[1:]], cwd=tmp_path, env={**run_env, **serve_env},
+                              text=True, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     try:
         for _ in range(600):
             try:
@@ -308,12 +315,17 @@ def test_serving_with_vllm(tmp_path):
         block = next(b for doc in DOCS for b in python_blocks(doc.read_text()) if "OpenAI(base_url=" in b)
         (tmp_path / "client.py").write_text(block)
         out = _run([sys.executable, "client.py"], tmp_path)
-        for adapter, answer in expected.items():
-            assert f"{adapter} -> {answer}\n" in out, (out, expected)
+        assert "['smollm2', 'emoji']\n" in out, out
+        for model, answer in [("emoji", expected["emoji"]), ("emoji-copy", expected["emoji"]),
+                              ("smollm2", expected[None])]:
+            assert f"{model} -> {answer}\n" in out, (out, expected)
         client = openai.OpenAI(base_url="http://localhost:8000/v1", api_key="none")
         with pytest.raises(openai.BadRequestError, match=r"ReFT adapter 'nope' is not served; served adapters: "):
-            client.chat.completions.create(model="outputs/smollm2", messages=[{"role": "user", "content": "Hi"}],
+            client.chat.completions.create(model="smollm2", messages=[{"role": "user", "content": "Hi"}],
                                            max_tokens=4, extra_body={"vllm_xargs": {"reft_adapter": "nope"}})
+        with pytest.raises(openai.NotFoundError, match=r"Valid models: smollm2, emoji\."):  # emoji-copy: unloaded
+            client.chat.completions.create(model="emoji-copy", messages=[{"role": "user", "content": "Hi"}],
+                                           max_tokens=4)
         out = _run([sys.executable, "client.py"], tmp_path)  # the server serves on
         assert f"emoji -> {expected['emoji']}\n" in out
     finally:

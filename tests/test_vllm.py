@@ -246,3 +246,25 @@ def _installed(name: str) -> bool:
         return True
     except metadata.PackageNotFoundError:
         return False
+
+
+def test_max_reft_adapters_bounds_the_declared_adapters_and_alone_makes_room(tmp_path, small_base):
+    from vllm.engine.arg_utils import EngineArgs
+
+    from peft_reft.vllm.plugin import register
+
+    register()
+    adapter = save_adapter(small_base, tmp_path / "a", layers=[0])
+
+    def build(additional, enforce_eager=True):
+        return EngineArgs(model=str(small_base), dtype="float32", max_model_len=128, enforce_eager=enforce_eager,
+                          additional_config=additional).create_engine_config()
+
+    with pytest.raises(ValueError, match=r"2 ReFT adapters are declared, more than the engine holds "
+                                         r"\(max_reft_adapters=1\): raise it"):
+        build({"reft_adapters": {"a": str(adapter), "b": str(adapter)}, "max_reft_adapters": 1})
+    with pytest.raises(ValueError, match=r"'max_reft_adapters'\] must be a positive integer; got 0"):
+        build({"max_reft_adapters": 0})
+    # no adapter declared, room for 4 loaded at run time: the engine is built as one that serves ReFT (eager)
+    config = build({"max_reft_adapters": 4}, enforce_eager=False)
+    assert config.additional_config["max_reft_adapters"] == 4 and config.model_config.enforce_eager

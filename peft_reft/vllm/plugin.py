@@ -1,17 +1,18 @@
 """The vLLM general plugin (entry point `vllm.general_plugins`: `peft_reft = "peft_reft.vllm.plugin:register"`).
 
-vLLM loads it in each of its processes. It changes nothing unless the engine's `additional_config` declares ReFT
-adapters (`{"reft_adapters": {name: folder}}`); then:
+vLLM loads it in each of its processes. It changes nothing unless the engine's `additional_config` serves ReFT
+(`{"reft_adapters": {name: folder}, "max_reft_adapters": n}`, either key); then:
 
-- front end, when the engine's config is built: every adapter is read and checked against the model (a bad one stops
-  the engine before it starts, naming the adapter), compiled / CUDA-graph execution and the V2 model runner are
-  switched off (with a message), and engine features the integration does not support are refused;
+- front end, when the engine's config is built: every declared adapter is read and checked against the model (a bad
+  one stops the engine before it starts, naming the adapter), compiled / CUDA-graph execution and the V2 model runner
+  are switched off (with a message), and engine features the integration does not support are refused;
 - front end, per request: the adapter named in `SamplingParams.extra_args["reft_adapter"]` (the server's
-  `vllm_xargs`) must be declared, else that request fails with a message and the engine serves on;
+  `vllm_xargs`, or its `model`, see `peft_reft.vllm.server`) must be served, else that request fails with a message
+  and the engine serves on; the engine's copy of the request carries which load of the adapter serves it;
 - engine core: the prefix-cache hash of a block holds the ReFT edits made in it (`peft_reft.vllm.prefix_cache`);
 - workers: after the model's weights are loaded, the adapters' interventions are hooked into its decoder layers
-  (`peft_reft.vllm.edits`), and each forward pass of the model runner runs with the edits of its step
-  (`peft_reft.vllm.plan`).
+  (`peft_reft.vllm.worker`, `peft_reft.vllm.edits`), adapters loaded at run time arrive through `collective_rpc`,
+  and each forward pass of the model runner runs with the edits of its step (`peft_reft.vllm.plan`).
 """
 
 from __future__ import annotations
