@@ -19,6 +19,9 @@ from .registration import register
 register(ReftConfig, ReftModel)
 # plain lm-eval refuses what it would score wrongly (see peft_reft.lm_eval), whichever of the two is imported first
 after_import("lm_eval.models.huggingface", lambda _module: importlib.import_module("peft_reft.lm_eval"))
+# TRL's vLLM generation (GRPO, RLOO with use_vllm=True) serves a ReFT policy through the vLLM integration
+after_import("trl.generation.vllm_generation",
+             lambda module: importlib.import_module("peft_reft.vllm.rl").install(module))
 
 __version__ = "0.1.0"
 

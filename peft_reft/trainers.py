@@ -10,8 +10,9 @@ in what they pass to the model:
   strategies that cut sequences ("bfd_split", "wrapped").
 - `DPOTrainer`, `KTOTrainer`: `labels` of the completion (the reference forward runs with the adapter disabled):
   train.
-- `GRPOTrainer`, `RLOOTrainer`: `labels` of the completion, generation through `PeftModel.generate`: train. Not with
-  `use_vllm=True` (vLLM generates without the edits).
+- `GRPOTrainer`, `RLOOTrainer`: `labels` of the completion, generation through `PeftModel.generate`, or through vLLM
+  with `use_vllm=True, vllm_mode="colocate"` (the engine serves the policy as a ReFT adapter and gets its tensors
+  after each step: `peft_reft.vllm.rl`, which refuses the modes it cannot serve): train.
 - `RewardTrainer`: a classifier's input (`task_type="SEQ_CLS"`): trains; the last window ends at the token the score
   head reads.
 - `DistillationTrainer`: runs the transformers backbone inside the PeftModel directly: refused.
@@ -120,11 +121,17 @@ def trainer_problem(trainer: Any, prompt_positions: bool) -> Optional[str]:
             f"positions ('fN' / 'lM') on the right tokens. {WHAT_WORKS}"
         )
     if name in ("GRPOTrainer", "RLOOTrainer") and getattr(args, "use_vllm", False):
-        return (
-            f"TRL's {name} with use_vllm=True generates the completions with vLLM, which runs the base model without "
-            "the ReFT edits, so the policy that is trained is not the one that generated. Set use_vllm=False: "
-            "generation then goes through PeftModel.generate, which applies the edits."
-        )
+        from .vllm.adapters import REQUEST_KEY
+        from .vllm.rl import POLICY
+
+        generation = getattr(trainer, "vllm_generation", None)
+        extra = (getattr(generation, "generation_kwargs", None) or {}).get("extra_args") or {}
+        if extra.get(REQUEST_KEY) != POLICY:  # TRL's vLLM generation was not taken over (peft_reft.vllm.rl)
+            return (
+                f"TRL's {name} with use_vllm=True generates with a vLLM engine that peft-reft did not set up for the "
+                "ReFT policy (TRL's `VLLMGeneration` was not found where peft_reft.vllm.rl hooks it), so vLLM would "
+                "generate without the edits. Set use_vllm=False: generation then goes through PeftModel.generate."
+            )
     if name == "SFTTrainer" and prompt_positions and getattr(args, "packing", False):
         strategy = getattr(args, "packing_strategy", "bfd")
         if strategy != "bfd":

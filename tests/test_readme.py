@@ -43,6 +43,8 @@ RUN_BY = {"python examples/quickstart.py": "make quickstart"}  # the Makefile re
 NOT_RUN = {
     "make test": "this test suite itself",
     "pip install": "the install step of `make test` (Makefile `install`) runs these",
+    "pip uninstall -y torchvision torchaudio torchcodec": "`make install-vllm` removes each of them that does not "
+                                                          "import (tested: test_vllm.py, any import order)",
     "python examples/vllm_serving.py": "run by `test_serving_with_vllm` (in `make test`'s vLLM environment)",
     "VLLM_ALLOW_RUNTIME_LORA_UPDATING=True vllm serve": "run by `test_serving_with_vllm` (in `make test`'s vLLM "
                                                         "environment)",

@@ -182,13 +182,18 @@ def test_every_other_trl_trainer_is_refused_with_prompt_positions(path):
 
 
 @pytest.mark.parametrize("name", ["GRPOTrainer", "RLOOTrainer"])
-def test_vllm_generation_is_refused(name):
+def test_vllm_generation_is_refused_unless_the_engine_serves_the_policy(name):
     import trl
 
     trainer_cls = getattr(trl, name)
     trainer = trainer_cls.__new__(trainer_cls)
     trainer.args = types.SimpleNamespace(use_vllm=True)
-    assert "use_vllm=True generates the completions with vLLM" in trainer_problem(trainer, True)
+    assert "use_vllm=True generates with a vLLM engine that peft-reft did not set up" in trainer_problem(trainer, True)
+    # TRL's generation as peft_reft.vllm.rl leaves it (every request names the policy's adapter): trains
+    trainer.vllm_generation = types.SimpleNamespace(generation_kwargs={"extra_args": {"reft_adapter": "policy"}})
+    assert trainer_problem(trainer, True) is None
+    trainer.vllm_generation = types.SimpleNamespace(generation_kwargs={})
+    assert "did not set up for the ReFT policy" in trainer_problem(trainer, True)
     trainer.args = types.SimpleNamespace(use_vllm=False)
     assert trainer_problem(trainer, True) is None
 
@@ -294,5 +299,6 @@ def test_a_model_wrapped_before_the_trainer_gets_the_same_refusals(tokenizer, tm
     def retag(trainer):  # the trainer is this frame's first argument, as in any of its methods
         trainer.model.add_model_tags(trainer._tag_names)
 
-    with pytest.raises(ValueError, match=r"TRL's GRPOTrainer with use_vllm=True generates the completions with vLLM"):
+    with pytest.raises(ValueError, match=r"TRL's GRPOTrainer with use_vllm=True generates with a vLLM engine that "
+                                         r"peft-reft did not set up"):
         retag(grpo)

@@ -268,3 +268,13 @@ def test_max_reft_adapters_bounds_the_declared_adapters_and_alone_makes_room(tmp
     # no adapter declared, room for 4 loaded at run time: the engine is built as one that serves ReFT (eager)
     config = build({"max_reft_adapters": 4}, enforce_eager=False)
     assert config.additional_config["max_reft_adapters"] == 4 and config.model_config.enforce_eager
+
+
+def test_the_environment_imports_datasets_transformers_and_vllm_in_any_order():
+    """`make install-vllm` leaves no torch add-on that cannot load: `datasets` imported first (a TRL script's order)
+    builds a data set, then transformers and vLLM import."""
+    code = ("from datasets import Dataset; import transformers; import vllm; "
+            "print(Dataset.from_list([{'a': 'x'}, {'a': 'y'}]).num_rows)")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0 and done.stdout.strip().splitlines()[-1] == "2", done.stderr[-3000:]
+    assert "does not load with this torch" not in done.stderr  # nothing left for the start-up hook to hide

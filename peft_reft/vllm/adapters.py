@@ -149,6 +149,15 @@ def read_adapter(name: str, path: str, uid: str = "") -> ServedAdapter:
     return ServedAdapter(name=name, path=str(folder), config=config, uid=uid)
 
 
+def served_key(saved_key: str) -> str:
+    """The name a serving engine gives a tensor of a saved adapter (`...layers.3.reft_interventions.1.W.weight` ->
+    `3.1.W.weight`: layer, group, parameter)."""
+    match = _KEY.search(saved_key)
+    if match is None:
+        raise ValueError(f"{saved_key!r} is not an intervention parameter of a ReFT adapter.")
+    return f"{match.group(1)}.{match.group(2)}.{match.group(3)}"
+
+
 def _tensor_shapes(adapter: ServedAdapter) -> dict[tuple[int, int, str], tuple[int, ...]]:
     """(layer, group, parameter) -> shape, for every tensor of the adapter's safetensors file (header only)."""
     shapes = {}

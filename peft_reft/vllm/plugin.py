@@ -127,6 +127,16 @@ def check_engine(vllm_config: Any) -> None:
 
 
 def _create_engine_config(original, self, *args, **kwargs):
+    from .rl import POLICY, POLICY_ENGINE
+
+    policy = POLICY_ENGINE.get()
+    if policy is not None:  # TRL is building the engine that generates for a ReFT policy (`peft_reft.vllm.rl`)
+        folder, dtype = policy
+        additional = dict(self.additional_config or {})
+        additional[ADAPTERS_KEY] = {**additional.get(ADAPTERS_KEY, {}), POLICY: folder}
+        self.additional_config = additional
+        if self.dtype == "auto":
+            self.dtype = dtype
     if reft_enabled(self.additional_config):
         if not self.enforce_eager:
             logger.warning("ReFT adapters are served: enforce_eager switched on (the integration edits hidden states "
@@ -317,7 +327,8 @@ def register() -> None:
     from . import server
     from .worker import WorkerMethods
 
-    for method in ("peft_reft_add_adapter", "peft_reft_retire_adapter", "peft_reft_adapters"):
+    for method in ("peft_reft_add_adapter", "peft_reft_retire_adapter", "peft_reft_adapters",
+                   "peft_reft_update_adapter", "peft_reft_adapter_state"):
         setattr(WorkerBase, method, getattr(WorkerMethods, method))
     after_import("vllm.v1.engine.input_processor",
                  lambda module: _wrap(module.InputProcessor, "process_inputs", _process_inputs))

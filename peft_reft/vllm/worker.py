@@ -27,6 +27,7 @@ class ServedModel:
         self.hidden_size = hidden_size
         self.device = device
         self.adapters: dict[str, ServedAdapter] = {}  # uid -> adapter
+        self.interventions: dict[str, dict[int, nn.ModuleList]] = {}  # uid -> layer index -> interventions
         self.retired: set[str] = set()
         self._edits: dict[int, LayerEdits] = {}
 
@@ -41,6 +42,7 @@ class ServedModel:
                 edits.attach(self.layers[index])
             edits.add(adapter.uid, adapter.config.component, modules, self.layers[index])
         self.adapters[adapter.uid] = adapter
+        self.interventions[adapter.uid] = interventions
         self.retired.discard(adapter.uid)
 
     def retire(self, uid: str) -> None:
@@ -54,7 +56,46 @@ class ServedModel:
             for edits in self._edits.values():
                 edits.remove(uid)
             del self.adapters[uid]
+            del self.interventions[uid]
             self.retired.discard(uid)
+
+    def state(self, uid: str) -> dict[str, torch.Tensor]:
+        """The adapter's intervention tensors as `intervention_state` names them."""
+        return intervention_state(self._held(uid))
+
+    def update(self, uid: str, state: dict[str, torch.Tensor]) -> None:
+        """Write new values into the adapter's interventions, in place (the weights of a policy being trained; keys
+        as `intervention_state` names them: every tensor of the adapter, none other)."""
+        interventions = self._held(uid)
+        if set(state) != set(intervention_state(interventions)):
+            missing = sorted(set(intervention_state(interventions)) - set(state))[:3]
+            unknown = sorted(set(state) - set(intervention_state(interventions)))[:3]
+            raise ValueError(f"ReFT adapter {uid!r}: the update does not hold the adapter's tensors (missing: "
+                             f"{missing}, unknown: {unknown}).")
+        with torch.no_grad():
+            for key, value in state.items():
+                layer, group, name = _split(key)
+                target = dict(interventions[layer][group].state_dict(keep_vars=True))[name]
+                if target.shape != value.shape:
+                    raise ValueError(f"ReFT adapter {uid!r}: {key} has shape {tuple(value.shape)}, the served one "
+                                     f"{tuple(target.shape)}.")
+                target.copy_(value.to(device=target.device, dtype=target.dtype))
+
+    def _held(self, uid: str) -> dict[int, nn.ModuleList]:
+        if uid not in self.interventions:
+            raise ValueError(f"ReFT adapter {uid!r} is not held by this engine (held: {sorted(self.interventions)}).")
+        return self.interventions[uid]
+
+
+def intervention_state(interventions: dict[int, nn.ModuleList]) -> dict[str, torch.Tensor]:
+    """`{"<layer>.<group>.<parameter>": tensor}` for an adapter's interventions (layer index -> groups)."""
+    return {f"{layer}.{group}.{name}": tensor for layer, modules in interventions.items()
+            for group, module in enumerate(modules) for name, tensor in module.state_dict(keep_vars=True).items()}
+
+
+def _split(key: str) -> tuple[int, int, str]:
+    layer, group, name = key.split(".", 2)
+    return int(layer), int(group), name
 
 
 class WorkerMethods:
@@ -71,6 +112,18 @@ class WorkerMethods:
         from .plugin import served_model_of_worker
 
         served_model_of_worker(self).retire(uid)
+
+    def peft_reft_update_adapter(self, uid: str, state: dict) -> None:
+        """Write new tensor values into the adapter loaded as `uid` (`ServedModel.update`)."""
+        from .plugin import served_model_of_worker
+
+        served_model_of_worker(self).update(uid, state)
+
+    def peft_reft_adapter_state(self, uid: str) -> dict:
+        """The adapter's tensors as the worker holds them, on the CPU."""
+        from .plugin import served_model_of_worker
+
+        return {k: v.detach().cpu().clone() for k, v in served_model_of_worker(self).state(uid).items()}
 
     def peft_reft_adapters(self) -> list[str]:
         """The uids of the adapters the worker holds (retired ones still in use included)."""

@@ -1,0 +1,158 @@
+"""TRL's GRPO and RLOO with `use_vllm=True, vllm_mode="colocate"` and a ReFT policy (`peft_reft.vllm.rl`): the
+engine TRL builds serves the policy as a ReFT adapter, gets its tensors after each optimizer step, and generates the
+tokens `PeftModel.generate` gives with the policy's current weights; what cannot be served is refused when the
+trainer is built.
+
+A tiny random Llama (SmolLM2's tokenizer) saved to a temporary folder; vLLM runs in this process, as TRL's colocate
+mode runs it (one engine at a time: each test drops its trainer before the next builds one). Needs vLLM (`make test`
+runs this module in its vLLM environment).
+"""
+
+import gc
+import os
+
+import pytest
+
+if os.environ.get("PEFT_REFT_REQUIRE_VLLM") != "1":
+    pytest.importorskip("vllm", reason="vLLM is not installed here; `make test` runs this module with vLLM")
+
+os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
+
+import torch  # noqa: E402
+import transformers  # noqa: E402, F401  (before datasets: see the vLLM environment's note in CONTRIBUTING.md)
+from datasets import Dataset  # noqa: E402
+from peft import LoraConfig  # noqa: E402
+from transformers import AutoModelForCausalLM, TrainerCallback  # noqa: E402
+from trl import GRPOConfig, GRPOTrainer, RLOOConfig, RLOOTrainer  # noqa: E402
+from vllm_models import save_base, smollm2_tokenizer  # noqa: E402
+
+from peft_reft import ReftConfig  # noqa: E402
+
+NEW = 8
+WORDS = ["yes", "no", "cat", "dog"]
+
+
+@pytest.fixture(scope="module")
+def base(tmp_path_factory):
+    tokenizer = smollm2_tokenizer()
+    return save_base(tmp_path_factory.mktemp("rl") / "base", "llama", tokenizer), tokenizer
+
+
+def _reward(completions, **_):
+    return [float(c.count("a")) - 0.1 * len(c) for c in completions]
+
+
+def build(trainer_cls, config_cls, base, reft=None, **overrides):
+    folder, tokenizer = base
+    settings = dict(output_dir=str(folder.parent / "out"), per_device_train_batch_size=4, num_generations=4,
+                    max_completion_length=NEW, max_steps=3, logging_steps=1, report_to=[], use_vllm=True,
+                    vllm_mode="colocate", vllm_max_model_length=128, learning_rate=5e-2, use_cpu=True,
+                    save_strategy="no", seed=0)
+    settings.update(overrides)
+    reft = reft or ReftConfig(layers=[1, 2], positions="f2+l2", low_rank_dimension=2, init_weights=False)
+    model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)
+    data = Dataset.from_list([{"prompt": f"Say {w}"} for w in WORDS * 2])
+    return trainer_cls(model=model, reward_funcs=_reward, args=config_cls(**settings), train_dataset=data,
+                       processing_class=tokenizer, peft_config=reft)
+
+
+def drop(trainer):
+    """Shut the trainer's engine down before another is built (one colocated engine per process at a time)."""
+    del trainer
+    gc.collect()
+
+
+class FollowThePolicy(TrainerCallback):
+    """After each optimizer step: sync as TRL does before its next generation, then read the engine's copy of the
+    adapter and generate greedily with the engine and with the policy."""
+
+    def __init__(self, prompts):
+        self.prompts, self.trainer, self.steps = prompts, None, []
+
+    def on_step_end(self, args, state, control, **kwargs):
+        from vllm import SamplingParams
+
+        from peft_reft.vllm.rl import policy_state
+
+        generation, model = self.trainer.vllm_generation, self.trainer.model
+        generation.sync_weights()
+        engine = generation.llm.collective_rpc("peft_reft_adapter_state", args=("policy",))[0]
+        policy = {k: v.detach().cpu().clone() for k, v in policy_state(model, "default").items()}
+        outputs = generation.llm.generate(
+            [{"prompt_token_ids": p} for p in self.prompts],
+            SamplingParams(temperature=0.0, max_tokens=NEW, extra_args={"reft_adapter": "policy"}), use_tqdm=False)
+        model.eval()
+        with torch.no_grad():
+            expected, base = [], []
+            for prompt in self.prompts:
+                ids = torch.tensor([prompt])
+                kwargs = dict(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=NEW, do_sample=False)
+                expected.append(model.generate(**kwargs)[0, len(prompt):].tolist())
+                with model.disable_adapter():
+                    base.append(model.generate(**kwargs)[0, len(prompt):].tolist())
+        model.train()
+        self.steps.append(dict(engine=engine, policy=policy, served=[list(o.outputs[0].token_ids) for o in outputs],
+                               expected=expected, base=base))
+
+
+def test_grpo_colocate_engine_holds_and_generates_the_current_policy_after_each_step(base):
+    _, tokenizer = base
+    prompts = [tokenizer(f"Say {w}").input_ids for w in WORDS] + [list(range(5, 40))]
+    trainer = build(GRPOTrainer, GRPOConfig, base)
+    # TRL leaves the dtype to vLLM, whose "auto" runs a float32 checkpoint in half precision: the policy's is kept
+    assert trainer.vllm_generation.llm.llm_engine.model_config.dtype == torch.float32
+    follow = FollowThePolicy(prompts)
+    follow.trainer = trainer
+    trainer.add_callback(follow)
+    engine, requests = trainer.vllm_generation.llm, []
+    real_generate = engine.generate
+    engine.generate = lambda *args, **kwargs: requests.append(
+        kwargs.get("sampling_params", args[1] if len(args) > 1 else None)) or real_generate(*args, **kwargs)
+    trainer.train()
+    drop(trainer)
+
+    trl_requests = [p for p in requests if p.temperature == 1.0]  # TRL samples; the callback is greedy
+    assert len(trl_requests) == 3 and all(p.extra_args == {"reft_adapter": "policy"} for p in trl_requests)
+    assert len(follow.steps) == 3
+    for step in follow.steps:
+        assert set(step["engine"]) == set(step["policy"]) and all(
+            torch.equal(step["engine"][k], step["policy"][k]) for k in step["policy"])
+        assert step["served"] == step["expected"]
+    # the adapter changes what the model says (else the token check could not fail), and training moved it
+    assert any(s["expected"] != s["base"] for s in follow.steps)
+    first, last = follow.steps[0]["policy"], follow.steps[-1]["policy"]
+    assert any(not torch.equal(first[k], last[k]) for k in first)
+
+
+def test_rloo_colocate_trains_with_the_engine_following_the_policy(base):
+    _, tokenizer = base
+    prompts = [tokenizer(f"Say {w}").input_ids for w in WORDS]
+    trainer = build(RLOOTrainer, RLOOConfig, base, max_steps=2,
+                    reft=ReftConfig(layers=[0, 3], positions="l3", low_rank_dimension=2, init_weights=False,
+                                    component="mlp_output"))
+    follow = FollowThePolicy(prompts)
+    follow.trainer = trainer
+    trainer.add_callback(follow)
+    trainer.train()
+    drop(trainer)
+    assert len(follow.steps) == 2
+    for step in follow.steps:
+        assert all(torch.equal(step["engine"][k], step["policy"][k]) for k in step["policy"])
+        assert step["served"] == step["expected"]
+
+
+@pytest.mark.parametrize("setting, message", [
+    (dict(vllm_mode="server"), r"use_vllm=True with vllm_mode='server' and a ReFT policy: .* Use vllm_mode='colocate'"),
+    (dict(vllm_enable_sleep_mode=True), r"vllm_enable_sleep_mode=True and a ReFT policy: .* Set "
+                                        r"vllm_enable_sleep_mode=False"),
+], ids=["server", "sleep_mode"])
+def test_what_the_engine_cannot_serve_is_refused_when_the_trainer_is_built(base, setting, message):
+    with pytest.raises(ValueError, match=message):
+        build(GRPOTrainer, GRPOConfig, base, **setting)
+
+
+def test_a_policy_with_a_lora_part_is_refused_when_the_trainer_is_built(base):
+    reft = ReftConfig(layers=[1], positions="f2", lora_config=LoraConfig(r=2, target_modules=["q_proj"]))
+    with pytest.raises(ValueError, match=r"use_vllm=True with this ReFT policy: ReFT adapter 'policy' .* cannot be "
+                                         r"served with vLLM: it has a LoRA part .* With use_vllm=False"):
+        build(GRPOTrainer, GRPOConfig, base, reft=reft)
