@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import gc
-import json
 import os
 import platform
 import statistics
@@ -26,6 +25,8 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "examples"))
+from report import write_report  # noqa: E402  (benchmarks/report.py)
+
 os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "2")
 
 PROMPTS = ["Who are you?", "Why is the sky blue?", "What's 2+2?", "Plan a trip to Paris", "How do I bake bread?",
@@ -111,12 +112,7 @@ def main(argv=None):
     rows.append("")
     rows.append(f"{prompts} prompts x {generations} generations x {tokens} tokens, {rounds} rounds of {steps} steps, "
                 f"{results['device']}")
-    table = "\n".join(rows)
-    print(table)
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.with_suffix(".json").write_text(json.dumps(results, indent=2))
-    out.with_suffix(".md").write_text(table + "\n")
+    write_report(args.out, results, rows)
 
 
 if __name__ == "__main__":

@@ -20,7 +20,6 @@ ReFT / LoRA (output tokens/s), with the interquartile range. Needs `pip install 
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import statistics
@@ -32,6 +31,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "examples"))
+from report import write_report  # noqa: E402  (benchmarks/report.py)
 
 REFT = dict(layers=[6, 12, 18, 24], low_rank_dimension=4, positions="f5+l5")
 LORA = dict(r=8, target_modules="all-linear")
@@ -150,12 +150,7 @@ def main(argv=None):
         f"{results['mode']} mode",
         "output tokens/s (median): " + ", ".join(f"{k} {v:.1f}" for k, v in results["tokens_per_s"].items()),
     ]
-    table = "\n".join(rows)
-    print(table)
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.with_suffix(".json").write_text(json.dumps(results, indent=2))
-    out.with_suffix(".md").write_text(table + "\n")
+    write_report(args.out, results, rows)
 
 
 if __name__ == "__main__":
