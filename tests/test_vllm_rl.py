@@ -32,6 +32,28 @@ NEW = 8
 WORDS = ["yes", "no", "cat", "dog"]
 
 
+@pytest.fixture(scope="module", autouse=True)
+def one_plain_process_afterwards():
+    """TRL's colocate mode sets the variables of a distributed launch and starts torch.distributed in this process, as
+    a launcher would; they are taken back after the module, so that later tests run in a plain single process (else
+    their Trainers wrap the model in DDP)."""
+    names = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
+    saved = {name: os.environ.get(name) for name in names}
+    yield
+    import torch.distributed as dist
+    from accelerate.state import AcceleratorState
+
+    gc.collect()
+    if dist.is_initialized():
+        dist.destroy_process_group()
+    for name, value in saved.items():
+        if value is None:
+            os.environ.pop(name, None)
+        else:
+            os.environ[name] = value
+    AcceleratorState._reset_state(reset_partial_state=True)
+
+
 @pytest.fixture(scope="module")
 def base(tmp_path_factory):
     tokenizer = smollm2_tokenizer()
@@ -58,6 +80,7 @@ def build(trainer_cls, config_cls, base, reft=None, **overrides):
 
 def drop(trainer):
     """Shut the trainer's engine down before another is built (one colocated engine per process at a time)."""
+    trainer.vllm_generation.llm.llm_engine.engine_core.shutdown()
     del trainer
     gc.collect()
 
