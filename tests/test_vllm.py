@@ -88,6 +88,7 @@ def test_llama_tokens_match_peft_generate_with_chunking_preemption_and_prefix_ca
         mixed,
         [request(prompts[2], "no_such_adapter")],
         [request(prompts[3], None), request(prompts[3], "consreft_f3")],
+        [dict(request(prompts[4], "direft_f5l5"), n=2)],  # n > 1: each completion is a request of its own
     ]
     engine = dict(
         max_model_len=160, block_size=32, enable_prefix_caching=True,
@@ -113,6 +114,7 @@ def test_llama_tokens_match_peft_generate_with_chunking_preemption_and_prefix_ca
     assert "'no_such_adapter' is not served" in outputs[7]["error"]
     assert "loreft_f2l2" in outputs[7]["error"]
     assert [o["tokens"] for o in outputs[8]] == [expected[None][3], expected["consreft_f3"][3]]
+    assert outputs[9][0]["all"] == [expected["direft_f5l5"][4]] * 2
 
 
 def test_qwen2_tokens_match_peft_generate_under_preemption_compiled_by_inductor(tmp_path, tokenizer):

@@ -4,9 +4,10 @@ generated as JSON.
     python tests/vllm_engine.py SPEC.json RESULT.json
 
 SPEC: {"model": folder, "engine": {LLM keyword arguments}, "batches": [[request, ...], ...]}, a request being
-{"prompt_token_ids": [...], "adapter": name or null, "max_tokens": n}. Each batch is one `LLM.generate` call, in order.
-RESULT: {"batches": [[{"tokens": [...], "cached": num_cached_tokens}, ...] or {"error": message}, ...],
-"preemptions": the engine's preemption count}.
+{"prompt_token_ids": [...], "adapter": name or null, "max_tokens": n, "n": completions (default 1)}. Each batch is one
+`LLM.generate` call, in order.
+RESULT: {"batches": [[{"tokens": [...], "cached": num_cached_tokens, "all": [each completion's tokens]}, ...] or
+{"error": message}, ...], "preemptions": the engine's preemption count}.
 """
 
 import json
@@ -29,7 +30,9 @@ def main(spec_path: str, result_path: str) -> None:
     for batch in spec["batches"]:
         prompts = [{"prompt_token_ids": request["prompt_token_ids"]} for request in batch]
         params = [
-            SamplingParams(temperature=0.0, max_tokens=request["max_tokens"],
+            SamplingParams(max_tokens=request["max_tokens"], n=request.get("n", 1),
+                           # n > 1: vLLM refuses greedy sampling; sampling from the one most likely token is greedy
+                           **(dict(temperature=1.0, top_k=1) if request.get("n", 1) > 1 else dict(temperature=0.0)),
                            extra_args={"reft_adapter": request["adapter"]} if request["adapter"] else None)
             for request in batch
         ]
@@ -38,7 +41,8 @@ def main(spec_path: str, result_path: str) -> None:
         except ValueError as error:
             results.append({"error": str(error)})
             continue
-        results.append([{"tokens": list(o.outputs[0].token_ids), "cached": o.num_cached_tokens} for o in outputs])
+        results.append([{"tokens": list(o.outputs[0].token_ids), "cached": o.num_cached_tokens,
+                         "all": [list(c.token_ids) for c in o.outputs]} for o in outputs])
     preemptions = sum(m.value for m in llm.get_metrics() if m.name == "vllm:num_preemptions")
     with open(result_path, "w") as file:
         json.dump({"batches": results, "preemptions": preemptions}, file)

@@ -158,14 +158,20 @@ class WorkerMethods:
 
 
 def find_layer_stack(model: nn.Module, num_layers: int) -> nn.ModuleList:
-    """The `ModuleList` of a vLLM model's `num_layers` decoder layers."""
-    stacks = [m for m in model.modules() if isinstance(m, nn.ModuleList) and len(m) == num_layers]
-    if len(stacks) != 1:
+    """The `ModuleList` of a vLLM model's `num_layers` decoder layers, found by the package's rule
+    (`peft_reft.architecture.find_layer_stack`, as for a transformers model)."""
+    from ..architecture import find_layer_stack as package_rule
+
+    try:
+        _, stack = package_rule(model)
+    except ValueError as error:
+        raise ValueError(f"ReFT: {error} This model is not supported by the vLLM integration.") from None
+    if len(stack) != num_layers:
         raise ValueError(
-            f"ReFT: cannot find the decoder layers of {type(model).__name__} (found {len(stacks)} lists of "
-            f"{num_layers} modules); this model is not supported by the vLLM integration."
+            f"ReFT: the layer stack of {type(model).__name__} has {len(stack)} layers, its config {num_layers}; this "
+            "model is not supported by the vLLM integration."
         )
-    return stacks[0]
+    return stack
 
 
 __all__ = ["ServedModel", "WorkerMethods", "find_layer_stack"]
