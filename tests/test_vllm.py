@@ -140,19 +140,30 @@ def test_qwen2_tokens_match_peft_generate_under_preemption_compiled_by_inductor(
 
 def test_tensor_parallel_engine_matches_peft_generate(tmp_path, tokenizer):
     """tensor_parallel_size=2 (two CPU worker processes over gloo, one core each): every rank edits the hidden states
-    it holds (all of them, after each layer's all-reduce), so the tokens are `PeftModel.generate`'s."""
+    it holds (all of them, after each layer's all-reduce), so the tokens are `PeftModel.generate`'s, with prompts
+    prefilled in chunks, preempted requests and prefix caching as on one rank."""
     base = save_base(tmp_path / "base", "llama", tokenizer)
     adapters = {name: LLAMA_ADAPTERS[name] for name in ("loreft_f2l2", "noreft_l3_mlp", "nodireft_all_attn")}
     for name, config in adapters.items():
         save_adapter(base, tmp_path / name, **config)
-    prompts = prompts_of((3, 11, 40), seed=3, vocab=len(tokenizer))
+    prompts = prompts_of((3, 22, 30), seed=3, vocab=len(tokenizer))  # the longer ones grow past a block
+    long_prompt = prompts_of([LONG], seed=1, vocab=len(tokenizer))[0]
     sources = [None, *adapters]
-    expected = {s: reference_tokens(base, None if s is None else tmp_path / s, prompts) for s in sources}
-    engine = dict(max_model_len=128, tensor_parallel_size=2, additional_config=served(tmp_path, adapters))
-    result = run_engine(tmp_path, base, engine, [[request(p, s) for p in prompts for s in sources]],
-                        env={"VLLM_CPU_OMP_THREADS_BIND": "0|1"})
-    got = [out["tokens"] for out in result["batches"][0]]
+    expected = {s: reference_tokens(base, None if s is None else tmp_path / s, prompts + [long_prompt])
+                for s in sources}
+    prefix_order = [None, "noreft_l3_mlp", "loreft_f2l2", "loreft_f2l2"]
+    # a KV cache of 5 blocks of 32 tokens (one is vLLM's null block): the mixed batch preempts requests
+    engine = dict(max_model_len=128, tensor_parallel_size=2, block_size=32, enable_prefix_caching=True,
+                  max_num_batched_tokens=16, max_num_seqs=8, num_gpu_blocks_override=5,
+                  additional_config=served(tmp_path, adapters))
+    result = run_engine(tmp_path, base, engine, [[request(long_prompt, s)] for s in prefix_order] + [
+        [request(p, s) for p in prompts for s in sources]], env={"VLLM_CPU_OMP_THREADS_BIND": "0|1"})
+    outputs = result["batches"]
+    assert [batch[0]["cached"] for batch in outputs[:4]] == [0, 96, 0, 96]
+    assert [batch[0]["tokens"] for batch in outputs[:4]] == [expected[s][-1] for s in prefix_order]
+    got = [out["tokens"] for out in outputs[4]]
     assert got == [expected[s][i] for i in range(len(prompts)) for s in sources]
+    assert result["preemptions"] > 0
 
 
 # ---- the start-up check: an engine whose edits do not arrive does not start ----
