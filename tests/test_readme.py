@@ -299,23 +299,25 @@ def test_serving_with_vllm(tmp_path):
     # vLLM's default (compiled) mode as the README runs it, dynamo's eager backend instead of inductor (minutes less)
     run_env = {**env(), "VLLM_CPU_KVCACHE_SPACE": "1", "VLLM_CPU_CI_ENV": "1"}
 
-    out = subprocess.run([sys.executable, *offline[1:]], cwd=tmp_path, capture_output=True, text=True,
-                         env=run_env, timeout=900)
-    assert out.returncode == 0, out.stderr[-4000:]
-    for adapter, answer in expected.items():
-        assert f"[{adapter or 'base'}] Who are you? -> {answer!r}" in out.stdout, (out.stdout, expected)
-
     assert serve_env == {"VLLM_ALLOW_RUNTIME_LORA_UPDATING": "True"}
+    server_log = tmp_path / "server.log"
     server = subprocess.Popen([console_script("vllm"), *serve[1:]], cwd=tmp_path, env={**run_env, **serve_env},
-                              text=True, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+                              text=True, stdout=server_log.open("w"), stderr=subprocess.STDOUT)
     try:
+        # the offline script runs while the server starts
+        out = subprocess.run([sys.executable, *offline[1:]], cwd=tmp_path, capture_output=True, text=True,
+                             env=run_env, timeout=900)
+        assert out.returncode == 0, out.stderr[-4000:]
+        for adapter, answer in expected.items():
+            assert f"[{adapter or 'base'}] Who are you? -> {answer!r}" in out.stdout, (out.stdout, expected)
+
         for _ in range(600):
             try:
                 if requests.get("http://localhost:8000/health", timeout=1).status_code == 200:
                     break
             except requests.ConnectionError:
                 pass
-            assert server.poll() is None, server.stdout.read()[-4000:]
+            assert server.poll() is None, server_log.read_text()[-4000:]
             time.sleep(1)
         block = next(b for doc in DOCS for b in python_blocks(doc.read_text()) if "OpenAI(base_url=" in b)
         (tmp_path / "client.py").write_text(block)

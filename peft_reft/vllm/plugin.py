@@ -20,7 +20,6 @@ vLLM loads it in each of its processes. It changes nothing unless the engine's `
 from __future__ import annotations
 
 import functools
-import inspect
 import logging
 import weakref
 from typing import Any, Optional
@@ -225,12 +224,11 @@ def _process_inputs(original, self, *args, **kwargs):
     params = _params_argument(args, kwargs)
     name = request_adapter(params)
     front = front_end(self)
-    adapter = None
+    uid = None  # which load of the named adapter serves the request
     if name is not None:
         adapter = front.get(name) if front is not None else None
-        if adapter is None and is_check_request(params.extra_args):
-            adapter = ServedAdapter(name=name, path="", config=None, uid=name)  # type: ignore[arg-type]
-        if adapter is None:
+        uid = adapter.uid if adapter is not None else name if is_check_request(params.extra_args) else None
+        if uid is None:
             from vllm.exceptions import VLLMValidationError
 
             try:
@@ -241,12 +239,12 @@ def _process_inputs(original, self, *args, **kwargs):
     request = original(self, *args, **kwargs)
     sampling = getattr(request, "sampling_params", None)
     extra = getattr(sampling, "extra_args", None)
-    if adapter is not None or (isinstance(extra, dict) and UID_KEY in extra):
+    if uid is not None or (isinstance(extra, dict) and UID_KEY in extra):
         extra = dict(extra or {})
-        if adapter is not None:
-            extra[UID_KEY] = adapter.uid
+        if uid is not None:
+            extra[UID_KEY] = uid
         else:
-            extra.pop(UID_KEY)
+            extra.pop(UID_KEY)  # a client cannot pick a load itself
         sampling.extra_args = extra
     return request
 
@@ -354,12 +352,7 @@ def _wrap(owner: Any, name: str, wrapper) -> None:
     original = getattr(owner, name)
     if getattr(original, "_peft_reft_wrapped", False):
         return
-    if isinstance(owner, type) and inspect.iscoroutinefunction(original):
-        async def wrapped(self, *a, **k):
-            return await wrapper(original, self, *a, **k)
-
-        wrapped = functools.wraps(original)(wrapped)
-    elif isinstance(owner, type):
+    if isinstance(owner, type):
         wrapped = functools.wraps(original)(lambda self, *a, **k: wrapper(original, self, *a, **k))
     else:
         wrapped = functools.wraps(original)(lambda *a, **k: wrapper(original, *a, **k))
