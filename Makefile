@@ -15,6 +15,7 @@ WORKERS ?= 2
 LOW_END_TESTS = tests/test_vllm.py tests/test_vllm_server.py tests/test_vllm_rl.py tests/test_vllm_plan.py \
 	tests/test_vllm_runners.py tests/test_vllm_proof.py \
 	tests/test_readme.py::test_serving_with_vllm tests/test_readme.py::test_grpo_with_vllm \
+	tests/test_readme.py::test_grpo_with_vllm_server \
 	tests/test_positions.py tests/test_layer.py tests/test_model.py tests/test_generation.py tests/test_trl.py \
 	tests/test_components.py tests/test_mixed_batches.py tests/test_architecture.py tests/test_autoload.py \
 	tests/test_lora_part.py
@@ -45,7 +46,7 @@ install-vllm:
 
 test: install install-vllm
 	$(PYTHON) -m pytest -n $(WORKERS) --dist loadgroup --deselect tests/test_readme.py::test_serving_with_vllm \
-		--deselect tests/test_readme.py::test_grpo_with_vllm \
+		--deselect tests/test_readme.py::test_grpo_with_vllm --deselect tests/test_readme.py::test_grpo_with_vllm_server \
 		--ignore tests/test_vllm.py --ignore tests/test_vllm_server.py --ignore tests/test_vllm_rl.py \
 		--ignore tests/test_vllm_proof.py
 	PEFT_REFT_REQUIRE_VLLM=1 $(VLLM_PYTHON) -m pytest $(LOW_END_TESTS) --deselect tests/test_trl.py::test_torch_compile_trains_as_eager

@@ -2,8 +2,9 @@
 
 Every `GRPOConfig` and `ModelConfig` flag works as in TRL; the `--reft_*` flags build the `ReftConfig` that replaces
 TRL's LoRA options (`--help` lists them all). Completions are generated through `PeftModel.generate`, which edits each
-prompt once, in the prefill pass, or with `--use_vllm --vllm_mode colocate` by a vLLM engine in the training process
-that serves the policy as a ReFT adapter (`peft_reft.vllm.rl`, in an environment with vLLM); the loss forward pass
+prompt once, in the prefill pass, or with `--use_vllm` by vLLM serving the policy as a ReFT adapter
+(`peft_reft.vllm.rl`, in an environment with vLLM): `--vllm_mode colocate` in the training process, `--vllm_mode
+server` on `trl vllm-serve` started as the README says; the loss forward pass
 edits the same prompt tokens. Without `--dataset_name` it trains on built-in prompts with a built-in reward:
 the share of emoji among the characters of each completion.
 

@@ -121,12 +121,9 @@ def trainer_problem(trainer: Any, prompt_positions: bool) -> Optional[str]:
             f"positions ('fN' / 'lM') on the right tokens. {WHAT_WORKS}"
         )
     if name in ("GRPOTrainer", "RLOOTrainer") and getattr(args, "use_vllm", False):
-        from .vllm.adapters import REQUEST_KEY
-        from .vllm.rl import POLICY
+        from .vllm.rl import names_the_policy
 
-        generation = getattr(trainer, "vllm_generation", None)
-        extra = (getattr(generation, "generation_kwargs", None) or {}).get("extra_args") or {}
-        if extra.get(REQUEST_KEY) != POLICY:  # TRL's vLLM generation was not taken over (peft_reft.vllm.rl)
+        if not names_the_policy(getattr(trainer, "vllm_generation", None)):  # not taken over (peft_reft.vllm.rl)
             return (
                 f"TRL's {name} with use_vllm=True generates with a vLLM engine that peft-reft did not set up for the "
                 "ReFT policy (TRL's `VLLMGeneration` was not found where peft_reft.vllm.rl hooks it), so vLLM would "

@@ -7,7 +7,6 @@ import re
 import shlex
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -48,8 +47,12 @@ NOT_RUN = {
     "python examples/vllm_serving.py": "run by `test_serving_with_vllm` (in `make test`'s vLLM environment)",
     "VLLM_ALLOW_RUNTIME_LORA_UPDATING=True vllm serve": "run by `test_serving_with_vllm` (in `make test`'s vLLM "
                                                         "environment)",
-    "python examples/grpo.py --output_dir outputs/grpo-vllm": "run by `test_grpo_with_vllm` (in `make test`'s vLLM "
-                                                              "environment)",
+    "python examples/grpo.py --output_dir outputs/grpo-vllm ": "run by `test_grpo_with_vllm` (in `make test`'s vLLM "
+                                                               "environment)",
+    "python examples/grpo.py --output_dir outputs/grpo-vllm-server": "run by `test_grpo_with_vllm_server` (in `make "
+                                                                     "test`'s vLLM environment)",
+    "VLLM_ALLOW_RUNTIME_LORA_UPDATING=True trl vllm-serve": "run by `test_grpo_with_vllm_server` (in `make test`'s "
+                                                            "vLLM environment)",
 }
 
 
@@ -266,9 +269,9 @@ def reference_answers(outputs: Path, prompt: str, max_tokens: int = 32) -> dict:
     return {k: tokenizer.decode(v[0, ids["input_ids"].shape[1]:], skip_special_tokens=True) for k, v in answers.items()}
 
 
-def serving_commands() -> list[tuple[dict, list[str]]]:
-    """The README's serving commands as (environment variables set on the line, argv) (split once, so that the quoted
-    JSON stays one argument)."""
+def serving_commands(heads=(["python", "examples/vllm_serving.py"], ["vllm", "serve"])) -> list[tuple[dict, list[str]]]:
+    """The README's commands that start with one of `heads` (the serving commands by default), as (environment
+    variables set on the line, argv) (split once, so that the quoted JSON stays one argument)."""
     commands = []
     for block in re.findall(r"```bash\n(.*?)```", (ROOT / "README.md").read_text(), flags=re.S):
         for line in block.replace("\\\n", " ").splitlines():
@@ -277,7 +280,7 @@ def serving_commands() -> list[tuple[dict, list[str]]]:
             while argv and re.fullmatch(r"[A-Z_]+=\S*", argv[0]):
                 name, _, value = argv.pop(0).partition("=")
                 variables[name] = value
-            if argv[:2] in (["python", "examples/vllm_serving.py"], ["vllm", "serve"]):
+            if argv[:2] in heads:
                 commands.append((variables, argv))
     return commands
 
@@ -289,7 +292,7 @@ def test_serving_with_vllm(tmp_path):
     if os.environ.get("PEFT_REFT_REQUIRE_VLLM") != "1":
         pytest.importorskip("vllm", reason="vLLM is not installed here; `make test` runs this with vLLM")
     import openai
-    import requests
+    from vllm_models import wait_until_healthy
 
     (_, offline), (serve_env, serve) = serving_commands()
     (tmp_path / "examples").symlink_to(ROOT / "examples")
@@ -311,14 +314,7 @@ def test_serving_with_vllm(tmp_path):
         for adapter, answer in expected.items():
             assert f"[{adapter or 'base'}] Who are you? -> {answer!r}" in out.stdout, (out.stdout, expected)
 
-        for _ in range(600):
-            try:
-                if requests.get("http://localhost:8000/health", timeout=1).status_code == 200:
-                    break
-            except requests.ConnectionError:
-                pass
-            assert server.poll() is None, server_log.read_text()[-4000:]
-            time.sleep(1)
+        wait_until_healthy(server, server_log, "http://localhost:8000")
         block = next(b for doc in DOCS for b in python_blocks(doc.read_text()) if "OpenAI(base_url=" in b)
         (tmp_path / "client.py").write_text(block)
         out = _run([sys.executable, "client.py"], tmp_path)
@@ -346,7 +342,7 @@ def test_grpo_with_vllm(tmp_path):
     training process, the engine serves the policy as a ReFT adapter, and the run saves a ReFT adapter."""
     if os.environ.get("PEFT_REFT_REQUIRE_VLLM") != "1":
         pytest.importorskip("vllm", reason="vLLM is not installed here; `make test` runs this with vLLM")
-    command = next(c for c in documented_commands() if "--use_vllm" in c)
+    command = next(c for c in documented_commands() if "--vllm_mode colocate" in c)
     argv = smoke_argv(command)
     (tmp_path / "examples").symlink_to(ROOT / "examples")
     argv[0] = sys.executable
@@ -355,6 +351,44 @@ def test_grpo_with_vllm(tmp_path):
     log = done.stdout + done.stderr
     assert done.returncode == 0, log[-4000:]
     assert "ReFT adapters served: policy" in log, log[-4000:]  # TRL's engine serves the policy through the plugin
+    output_dir = tmp_path / argv[argv.index("--output_dir") + 1]
+    config = json.loads((output_dir / "adapter_config.json").read_text())
+    assert config["peft_type"] == "REFT" and (output_dir / "adapter_model.safetensors").exists()
+
+
+@pytest.mark.slow
+def test_grpo_with_vllm_server(tmp_path):
+    """The README's GRPO commands with TRL's server (smoke-sized): `trl vllm-serve` as written, then the training script
+    with `--vllm_mode server`: the trainer loads its policy into the server, trains, and saves a ReFT adapter."""
+    if os.environ.get("PEFT_REFT_REQUIRE_VLLM") != "1":
+        pytest.importorskip("vllm", reason="vLLM is not installed here; `make test` runs this with vLLM")
+    import requests
+    from vllm_models import wait_until_healthy
+
+    sys.path.insert(0, str(ROOT / "examples"))
+    from smollm2 import smollm2_path
+
+    ((serve_env, serve),) = serving_commands(heads=(["trl", "vllm-serve"],))
+    assert serve_env == {"VLLM_ALLOW_RUNTIME_LORA_UPDATING": "True"}
+    argv = smoke_argv(next(c for c in documented_commands() if "--vllm_mode server" in c))
+    argv[0] = sys.executable
+    (tmp_path / "examples").symlink_to(ROOT / "examples")
+    (tmp_path / "outputs").mkdir()
+    (tmp_path / "outputs" / "smollm2").symlink_to(smollm2_path(), target_is_directory=True)
+    # vLLM's default (compiled) mode, dynamo's eager backend instead of inductor (minutes less)
+    run_env = {**env(), "VLLM_CPU_KVCACHE_SPACE": "1", "VLLM_CPU_CI_ENV": "1"}
+    server_log = tmp_path / "server.log"
+    server = subprocess.Popen([console_script("trl"), *serve[1:]], cwd=tmp_path, env={**run_env, **serve_env},
+                              text=True, stdout=server_log.open("w"), stderr=subprocess.STDOUT)
+    try:
+        wait_until_healthy(server, server_log, "http://localhost:8000")
+        done = subprocess.run(argv, cwd=tmp_path, capture_output=True, text=True, timeout=900, env=run_env)
+        assert done.returncode == 0, (done.stdout + done.stderr)[-4000:]
+        models = [m["id"] for m in requests.get("http://localhost:8000/v1/models", timeout=30).json()["data"]]
+        assert models == ["outputs/smollm2", "policy"]  # the trainer's policy, loaded at run time
+    finally:
+        server.terminate()
+        server.wait(timeout=60)
     output_dir = tmp_path / argv[argv.index("--output_dir") + 1]
     config = json.loads((output_dir / "adapter_config.json").read_text())
     assert config["peft_type"] == "REFT" and (output_dir / "adapter_model.safetensors").exists()

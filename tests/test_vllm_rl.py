@@ -1,15 +1,18 @@
-"""TRL's GRPO and RLOO with `use_vllm=True, vllm_mode="colocate"` and a ReFT policy (`peft_reft.vllm.rl`): the
-engine TRL builds serves the policy as a ReFT adapter, gets its tensors after each optimizer step, and generates the
-tokens `PeftModel.generate` gives with the policy's current weights; what cannot be served is refused when the
-trainer is built.
+"""TRL's GRPO and RLOO with `use_vllm=True` and a ReFT policy (`peft_reft.vllm.rl`): the engine (TRL's colocated one,
+or a `trl vllm-serve` process) serves the policy as a ReFT adapter, gets its tensors after each optimizer step, and
+generates the tokens `PeftModel.generate` gives with the policy's current weights; what cannot be served is refused
+when the trainer is built.
 
-A tiny random Llama (SmolLM2's tokenizer) saved to a temporary folder; vLLM runs in this process, as TRL's colocate
-mode runs it (one engine at a time: each test drops its trainer before the next builds one). Needs vLLM (`make test`
-runs this module in its vLLM environment).
+A tiny random Llama (SmolLM2's tokenizer) saved to a temporary folder. Colocate: vLLM runs in this process, as TRL runs
+it (one engine at a time: each test drops its trainer before the next builds one). Server: `trl vllm-serve` on
+localhost, started as the README says. Needs vLLM (`make test` runs this module in its vLLM environment).
 """
 
 import gc
+import json
 import os
+import sys
+from pathlib import Path
 
 import pytest
 
@@ -18,13 +21,14 @@ if os.environ.get("PEFT_REFT_REQUIRE_VLLM") != "1":
 
 os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
 
+import requests  # noqa: E402
 import torch  # noqa: E402
 import transformers  # noqa: E402, F401  (before datasets: see the vLLM environment's note in CONTRIBUTING.md)
 from datasets import Dataset  # noqa: E402
 from peft import LoraConfig  # noqa: E402
 from transformers import AutoModelForCausalLM, TrainerCallback  # noqa: E402
 from trl import GRPOConfig, GRPOTrainer, RLOOConfig, RLOOTrainer  # noqa: E402
-from vllm_models import save_base, smollm2_tokenizer  # noqa: E402
+from vllm_models import free_port, running_server, save_base, smollm2_tokenizer  # noqa: E402
 
 from peft_reft import ReftConfig  # noqa: E402
 
@@ -90,20 +94,15 @@ class FollowThePolicy(TrainerCallback):
     adapter and generate greedily with the engine and with the policy."""
 
     def __init__(self, prompts):
-        self.prompts, self.trainer, self.steps = prompts, None, []
+        self.prompts, self.trainer, self.steps, self.loads = prompts, None, [], []
 
     def on_step_end(self, args, state, control, **kwargs):
-        from vllm import SamplingParams
-
         from peft_reft.vllm.rl import policy_state
 
         generation, model = self.trainer.vllm_generation, self.trainer.model
         generation.sync_weights()
-        engine = generation.llm.collective_rpc("peft_reft_adapter_state", args=("policy",))[0]
+        served, engine = self.served(generation) if generation.mode == "server" else self.colocated(generation)
         policy = {k: v.detach().cpu().clone() for k, v in policy_state(model, "default").items()}
-        outputs = generation.llm.generate(
-            [{"prompt_token_ids": p} for p in self.prompts],
-            SamplingParams(temperature=0.0, max_tokens=NEW, extra_args={"reft_adapter": "policy"}), use_tqdm=False)
         model.eval()
         with torch.no_grad():
             expected, base = [], []
@@ -114,8 +113,49 @@ class FollowThePolicy(TrainerCallback):
                 with model.disable_adapter():
                     base.append(model.generate(**kwargs)[0, len(prompt):].tolist())
         model.train()
-        self.steps.append(dict(engine=engine, policy=policy, served=[list(o.outputs[0].token_ids) for o in outputs],
-                               expected=expected, base=base))
+        self.steps.append(dict(engine=engine, policy=policy, served=served, expected=expected, base=base))
+
+    def colocated(self, generation):
+        from vllm import SamplingParams
+
+        engine = generation.llm.collective_rpc("peft_reft_adapter_state", args=("policy",))[0]
+        outputs = generation.llm.generate(
+            [{"prompt_token_ids": p} for p in self.prompts],
+            SamplingParams(temperature=0.0, max_tokens=NEW, extra_args={"reft_adapter": "policy"}), use_tqdm=False)
+        return [list(o.outputs[0].token_ids) for o in outputs], {k: torch.tensor(v) for k, v in engine.items()}
+
+    def served(self, generation):
+        """The server's tokens for `policy` (by `model`, as TRL asks) and its one load's tensors (read through vLLM's
+        development endpoint `/collective_rpc`, which `trl vllm-serve` enables)."""
+        url = generation.vllm_client.base_url
+        held = server_rpc(url, "peft_reft_adapters")  # in the order of loading
+        # a new load per sync (TRL's before its generation, this one); older ones are freed once no request runs with
+        # them (at most the one before the newest is held)
+        assert held[-1] not in self.loads and held[-1].startswith("policy@") and len(held) <= 2, (held, self.loads)
+        self.loads.append(held[-1])
+        tokens = [requests.post(f"{url}/v1/completions", json=dict(model="policy", prompt=p, max_tokens=NEW,
+                                                                   temperature=0, return_token_ids=True),
+                                timeout=120).json()["choices"][0]["token_ids"] for p in self.prompts]
+        return tokens, {k: torch.tensor(v) for k, v in server_rpc(url, "peft_reft_adapter_state", held[-1]).items()}
+
+
+def server_rpc(url: str, method: str, *args):
+    """The first worker's answer to `method` through the server's development endpoint `/collective_rpc`."""
+    reply = requests.post(f"{url}/collective_rpc", json={"method": method, "args": list(args)}, timeout=120)
+    return reply.json()["results"][0]
+
+
+def assert_followed(follow, steps):
+    """After each step the engine held the policy's tensors and generated `PeftModel.generate`'s tokens; the adapter
+    changes what the model says (else the token check could not fail), and training moved it."""
+    assert len(follow.steps) == steps
+    for step in follow.steps:
+        assert set(step["engine"]) == set(step["policy"]) and all(
+            torch.equal(step["engine"][k], step["policy"][k]) for k in step["policy"])
+        assert step["served"] == step["expected"]
+    assert any(s["expected"] != s["base"] for s in follow.steps)
+    first, last = follow.steps[0]["policy"], follow.steps[-1]["policy"]
+    assert any(not torch.equal(first[k], last[k]) for k in first)
 
 
 def test_grpo_colocate_engine_holds_and_generates_the_current_policy_after_each_step(base):
@@ -127,24 +167,16 @@ def test_grpo_colocate_engine_holds_and_generates_the_current_policy_after_each_
     follow = FollowThePolicy(prompts)
     follow.trainer = trainer
     trainer.add_callback(follow)
-    engine, requests = trainer.vllm_generation.llm, []
+    engine, sent = trainer.vllm_generation.llm, []
     real_generate = engine.generate
-    engine.generate = lambda *args, **kwargs: requests.append(
+    engine.generate = lambda *args, **kwargs: sent.append(
         kwargs.get("sampling_params", args[1] if len(args) > 1 else None)) or real_generate(*args, **kwargs)
     trainer.train()
     drop(trainer)
 
-    trl_requests = [p for p in requests if p.temperature == 1.0]  # TRL samples; the callback is greedy
+    trl_requests = [p for p in sent if p.temperature == 1.0]  # TRL samples; the callback is greedy
     assert len(trl_requests) == 3 and all(p.extra_args == {"reft_adapter": "policy"} for p in trl_requests)
-    assert len(follow.steps) == 3
-    for step in follow.steps:
-        assert set(step["engine"]) == set(step["policy"]) and all(
-            torch.equal(step["engine"][k], step["policy"][k]) for k in step["policy"])
-        assert step["served"] == step["expected"]
-    # the adapter changes what the model says (else the token check could not fail), and training moved it
-    assert any(s["expected"] != s["base"] for s in follow.steps)
-    first, last = follow.steps[0]["policy"], follow.steps[-1]["policy"]
-    assert any(not torch.equal(first[k], last[k]) for k in first)
+    assert_followed(follow, 3)
 
 
 def test_rloo_colocate_trains_with_the_engine_following_the_policy(base):
@@ -158,20 +190,69 @@ def test_rloo_colocate_trains_with_the_engine_following_the_policy(base):
     trainer.add_callback(follow)
     trainer.train()
     drop(trainer)
-    assert len(follow.steps) == 2
-    for step in follow.steps:
-        assert all(torch.equal(step["engine"][k], step["policy"][k]) for k in step["policy"])
-        assert step["served"] == step["expected"]
+    assert_followed(follow, 2)
 
 
-@pytest.mark.parametrize("setting, message", [
-    (dict(vllm_mode="server"), r"use_vllm=True with vllm_mode='server' and a ReFT policy: .* Use vllm_mode='colocate'"),
-    (dict(vllm_enable_sleep_mode=True), r"vllm_enable_sleep_mode=True and a ReFT policy: .* Set "
-                                        r"vllm_enable_sleep_mode=False"),
-], ids=["server", "sleep_mode"])
-def test_what_the_engine_cannot_serve_is_refused_when_the_trainer_is_built(base, setting, message):
-    with pytest.raises(ValueError, match=message):
-        build(GRPOTrainer, GRPOConfig, base, **setting)
+def test_grpo_server_mode_loads_the_policy_into_trl_vllm_serve_and_sends_it_after_each_step(base, tmp_path):
+    """`trl vllm-serve` as the README starts it for a ReFT policy; TRL's requests name the policy by `model`; each
+    sync is a new load of the policy's folder (kilobytes), and no NCCL weight-transfer group is opened."""
+    folder, tokenizer = base
+    prompts = [tokenizer(f"Say {w}").input_ids for w in WORDS] + [list(range(5, 40))]
+    port = free_port()
+    command = [str(Path(sys.executable).with_name("trl")), "vllm-serve", "--model", str(folder), "--port", str(port),
+               "--dtype", "float32", "--max_model_len", "128", "--enforce_eager",
+               "--additional-config", json.dumps({"max_reft_adapters": 1})]
+    with running_server(command, tmp_path, port, VLLM_ALLOW_RUNTIME_LORA_UPDATING="True",
+                        VLLM_CPU_KVCACHE_SPACE="1") as url:
+        trainer = build(GRPOTrainer, GRPOConfig, base, vllm_mode="server", vllm_server_base_url=url)
+        client = trainer.vllm_generation.vllm_client
+        assert getattr(client, "communicator", None) is None  # TRL's NCCL group was not opened (no CUDA here)
+        bodies, real_post = [], client.session.post
+        client.session.post = lambda address, **kwargs: bodies.append((address, kwargs.get("json"))) or real_post(
+            address, **kwargs)
+        follow = FollowThePolicy(prompts)
+        follow.trainer = trainer
+        follow.loads = server_rpc(url, "peft_reft_adapters")  # the load made when the trainer was built
+        assert len(follow.loads) == 1
+        trainer.add_callback(follow)
+        trainer.train()
+        listed = [m["id"] for m in requests.get(f"{url}/v1/models", timeout=30).json()["data"]]
+    completions = [body for address, body in bodies if address.endswith("/v1/completions")]
+    assert len(completions) == 3 and all(body["model"] == "policy" for body in completions)
+    loads = [body for address, body in bodies if address.endswith("/v1/load_lora_adapter")]
+    # one per sync: TRL's before each generation, the callback's after each step
+    assert len(loads) == 3 + 3 and all(body["lora_name"] == "policy" and body["load_inplace"] for body in loads)
+    assert listed == [str(folder), "policy"]
+    assert_followed(follow, 3)
+
+
+@pytest.mark.parametrize("status, body, reason", [
+    (400, {"error": {"message": "ReFT adapter 'policy': this server was started without ReFT; start it with "
+                                "--additional-config ..."}}, r"this server was started without ReFT; start it with"),
+    (404, {"detail": "Not Found"}, r'\{"detail": "Not Found"\}'),
+], ids=["server_without_reft", "no_runtime_loading"])
+def test_a_server_that_does_not_load_the_policy_stops_the_trainer_saying_what_it_needs(status, body, reason):
+    """The server's refusal (a server started as for LoRA; one without vLLM's runtime loading switch) reaches the user
+    with what a server needs, when the trainer is built (`load_policy` runs in `_init_vllm`)."""
+    import types
+
+    from peft_reft.vllm.rl import load_policy
+
+    reply = types.SimpleNamespace(status_code=status, json=lambda: body, text=json.dumps(body))
+    client = types.SimpleNamespace(base_url="http://localhost:8000", session=types.SimpleNamespace(
+        post=lambda url, json: reply))
+    with pytest.raises(RuntimeError, match=r"vllm_mode='server' with a ReFT policy: the vLLM server at "
+                                           r"http://localhost:8000 did not load the policy from /tmp/policy \(HTTP "
+                                           rf"{status}: .*{reason}.*\)\. A server serves a ReFT policy with peft-reft "
+                                           r"installed beside vLLM, VLLM_ALLOW_RUNTIME_LORA_UPDATING=True .*"
+                                           r"max_reft_adapters"):
+        load_policy(client, "/tmp/policy")
+
+
+def test_sleep_mode_is_refused_when_the_trainer_is_built(base):
+    with pytest.raises(ValueError, match=r"vllm_enable_sleep_mode=True and a ReFT policy: .* Set "
+                                         r"vllm_enable_sleep_mode=False"):
+        build(GRPOTrainer, GRPOConfig, base, vllm_enable_sleep_mode=True)
 
 
 def test_a_policy_with_a_lora_part_is_refused_when_the_trainer_is_built(base):

@@ -10,11 +10,8 @@ declared adapters and room for 64 (`max_reft_adapters`), runtime updating switch
 import json
 import os
 import shutil
-import socket
-import subprocess
 import sys
 import threading
-import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -25,7 +22,15 @@ if os.environ.get("PEFT_REFT_REQUIRE_VLLM") != "1":
 
 import openai  # noqa: E402
 import requests  # noqa: E402
-from vllm_models import prompts_of, reference_tokens, save_adapter, save_base, smollm2_tokenizer  # noqa: E402
+from vllm_models import (  # noqa: E402
+    free_port,
+    prompts_of,
+    reference_tokens,
+    running_server,
+    save_adapter,
+    save_base,
+    smollm2_tokenizer,
+)
 
 NEW = 8
 DECLARED = {
@@ -34,12 +39,6 @@ DECLARED = {
     "pirate": dict(intervention="nodireft", layers=[1], positions="all", component="attention_output"),
 }
 MAX_ADAPTERS = 64
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 class Server:
@@ -83,24 +82,9 @@ def server(tmp_path_factory):
                "base", "--dtype", "float32", "--enforce-eager", "--max-model-len", "256", "--block-size", "32",
                "--port", str(port), "--enable-prompt-tokens-details", "--additional-config", json.dumps(additional)]
     # eager: the server's features (the README's serving test runs `vllm serve` in vLLM's default mode)
-    env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": "1", "VLLM_ALLOW_RUNTIME_LORA_UPDATING": "True"}
-    log = open(folder / "server.log", "w")
-    process = subprocess.Popen(command, cwd=folder, env=env, stdout=log, stderr=subprocess.STDOUT, text=True)
-    url = f"http://127.0.0.1:{port}"
-    try:
-        for _ in range(600):
-            try:
-                if requests.get(f"{url}/health", timeout=1).status_code == 200:
-                    break
-            except requests.ConnectionError:
-                pass
-            assert process.poll() is None, (folder / "server.log").read_text()[-5000:]
-            time.sleep(1)
+    with running_server(command, folder, port, VLLM_CPU_KVCACHE_SPACE="1",
+                        VLLM_ALLOW_RUNTIME_LORA_UPDATING="True") as url:
         yield Server(folder, url, tokenizer)
-    finally:
-        process.terminate()
-        process.wait(timeout=60)
-        log.close()
 
 
 def cached_tokens(reply: dict) -> int:

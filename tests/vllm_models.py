@@ -1,7 +1,12 @@
-"""Tiny models and ReFT adapters saved for the vLLM tests, and the tokens `PeftModel.generate` gives with them (the
-reference the engine's answers must equal)."""
+"""Tiny models and ReFT adapters saved for the vLLM tests, the tokens `PeftModel.generate` gives with them (the
+reference the engine's answers must equal), and a vLLM server process on localhost."""
 
+import contextlib
+import os
+import socket
+import subprocess
 import sys
+import time
 from pathlib import Path
 
 import torch
@@ -64,3 +69,41 @@ def reference_tokens(base: Path, adapter: Path | None, prompts: list[list[int]],
 def prompts_of(lengths, seed: int, vocab: int) -> list[list[int]]:
     generator = torch.Generator().manual_seed(seed)
     return [torch.randint(3, vocab, (n,), generator=generator).tolist() for n in lengths]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@contextlib.contextmanager
+def running_server(command: list[str], folder: Path, port: int, **env):
+    """Run a server `command` (e.g. `vllm serve ... --port PORT`) in `folder` with the variables `env` added, until it
+    answers `/health` (its log, `folder/server.log`, in the error if it stops first); yields its URL, stops it after."""
+    log = open(folder / "server.log", "w")
+    process = subprocess.Popen(command, cwd=folder, env={**os.environ, **env}, stdout=log, stderr=subprocess.STDOUT,
+                               text=True)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        wait_until_healthy(process, folder / "server.log", url)
+        yield url
+    finally:
+        process.terminate()
+        process.wait(timeout=60)
+        log.close()
+
+
+def wait_until_healthy(process: subprocess.Popen, log: Path, url: str, seconds: int = 600) -> None:
+    """Wait until the server `process` at `url` answers `/health`; fail with the end of its `log` if it stops first."""
+    import requests
+
+    for _ in range(seconds):
+        try:
+            if requests.get(f"{url}/health", timeout=1).status_code == 200:
+                return
+        except requests.ConnectionError:
+            pass
+        assert process.poll() is None, log.read_text()[-5000:]
+        time.sleep(1)
+    raise AssertionError(f"{url} did not answer /health within {seconds} s: {log.read_text()[-5000:]}")

@@ -144,17 +144,18 @@ class WorkerMethods:
         served_model_of_worker(self).update(uid, state)
 
     def peft_reft_adapter_state(self, uid: str) -> dict:
-        """The adapter's tensors as the worker holds them, on the CPU."""
+        """The adapter's tensors as the worker holds them, as nested lists of floats (exact for float32; plain JSON,
+        so that the server's development endpoint `POST /collective_rpc` can return them too)."""
         from .plugin import served_model_of_worker
 
-        return {k: v.detach().cpu().clone() for k, v in served_model_of_worker(self).state(uid).items()}
+        return {k: v.detach().float().cpu().tolist() for k, v in served_model_of_worker(self).state(uid).items()}
 
     def peft_reft_adapters(self) -> list[str]:
-        """The uids of the adapters the worker holds (retired ones still in use included)."""
+        """The uids of the adapters the worker holds (retired ones still in use included), in the order of loading."""
         from .plugin import served_model_of_worker
         from .proof import PROBES
 
-        return sorted(uid for uid in served_model_of_worker(self).adapters if uid not in PROBES)
+        return [uid for uid in served_model_of_worker(self).adapters if uid not in PROBES]
 
 
 def find_layer_stack(model: nn.Module, num_layers: int) -> nn.ModuleList:
