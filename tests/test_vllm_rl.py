@@ -11,7 +11,9 @@ localhost, started as the README says. Needs vLLM (`make test` runs this module 
 import gc
 import json
 import os
+import subprocess
 import sys
+import textwrap
 from pathlib import Path
 
 import pytest
@@ -313,3 +315,61 @@ def test_fsdp_is_refused_for_a_reft_policy():
             "shards. Train with DDP or DeepSpeed (ZeRO-3 included), or use_vllm=False.")
         generation._dist.is_fsdp = False
         assert generation_problem(generation) is None
+
+
+ZERO3_RUN = textwrap.dedent("""
+    import sys
+    import deepspeed, torch
+    from datasets import Dataset
+    from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
+    from trl import GRPOConfig, GRPOTrainer
+    from peft_reft import ReftConfig
+    from peft_reft.vllm.rl import policy_state
+
+    folder, out = sys.argv[1], sys.argv[2]
+    args = GRPOConfig(output_dir=out, per_device_train_batch_size=4, num_generations=4, max_completion_length=4,
+                      max_steps=3, report_to=[], use_vllm=True, vllm_mode="colocate", vllm_max_model_length=128,
+                      use_cpu=True, save_strategy="no", learning_rate=5e-2, seed=0)
+    data = Dataset.from_list([{"prompt": f"Say {w}"} for w in ["yes", "no", "cat", "dog"] * 2])
+    trainer = GRPOTrainer(model=AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32),
+                          reward_funcs=lambda completions, **_: [float(c.count("a")) for c in completions], args=args,
+                          train_dataset=data, processing_class=AutoTokenizer.from_pretrained(folder),
+                          peft_config=ReftConfig(layers=[1, 2], positions="f2+l2", low_rank_dimension=2,
+                                                 init_weights=False))
+    assert trainer.vllm_generation._dist.is_zero3
+
+    class Check(TrainerCallback):
+        def on_step_end(self, args, state, control, **kwargs):
+            generation = trainer.vllm_generation
+            generation.sync_weights()
+            engine = generation.llm.collective_rpc("peft_reft_adapter_state", args=("policy",))[0]
+            params = [p for n, p in trainer.model.named_parameters() if ".reft_interventions." in n]
+            held = max(p.numel() for p in params)  # ZeRO-3 placeholders: the values live in DeepSpeed's partitions
+            with deepspeed.zero.GatheredParameters(params):
+                policy = {k: v.detach().cpu().clone() for k, v in policy_state(trainer.model, "default").items()}
+            equal = set(engine) == set(policy) and all(torch.equal(torch.tensor(engine[k]), policy[k]) for k in policy)
+            print(f"step {state.global_step}: placeholder numel {held}, engine equals the gathered policy: {equal}, "
+                  f"{sum(v.numel() for v in policy.values())} values")
+
+    trainer.add_callback(Check())
+    trainer.train()
+""")
+
+
+def test_zero3_sync_gathers_the_policy_tensors(base, tmp_path):
+    """Under DeepSpeed ZeRO-3 (one process, `accelerate launch` with the README's config) the policy's parameters are
+    placeholders; each sync gathers them as TRL gathers parameters, and the engine holds the whole tensors."""
+    folder, _ = base
+    (tmp_path / "run.py").write_text(ZERO3_RUN)
+    accelerate = str(Path(sys.executable).with_name("accelerate"))
+    root = Path(__file__).resolve().parents[1]
+    config = root / "examples" / "accelerate" / "deepspeed_zero3.yaml"
+    done = subprocess.run([accelerate, "launch", "--config_file", str(config), "--num_processes", "1", "run.py",
+                           str(folder), str(tmp_path / "out")], cwd=tmp_path,
+                          capture_output=True, text=True, timeout=600,
+                          env={**os.environ, "VLLM_CPU_KVCACHE_SPACE": "1", "VLLM_CPU_CI_ENV": "1"})
+    assert done.returncode == 0, (done.stdout + done.stderr)[-4000:]
+    lines = [line for line in done.stdout.splitlines() if line.startswith("step ")]
+    values = 2 * (2 * 2 * 64 + 2)  # 2 layers of LoReFT r2 on hidden 64: R and W (2 x 64 each), b (2)
+    assert lines == [f"step {n}: placeholder numel 0, engine equals the gathered policy: True, {values} values"
+                     for n in (1, 2, 3)], done.stdout[-3000:]
