@@ -25,7 +25,6 @@ os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
 
 import requests  # noqa: E402
 import torch  # noqa: E402
-import transformers  # noqa: E402, F401  (before datasets: see the vLLM environment's note in CONTRIBUTING.md)
 from datasets import Dataset  # noqa: E402
 from peft import LoraConfig  # noqa: E402
 from transformers import AutoModelForCausalLM, TrainerCallback  # noqa: E402
