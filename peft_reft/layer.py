@@ -20,6 +20,7 @@ from torch import nn
 from .architecture import component_module
 from .call_state import CallState
 from .config import ReftConfig
+from .edit import add_edits
 from .interventions import build_intervention
 
 # adapter name -> LongTensor [batch, groups, P] of token indices (-1 = empty slot) for the call in progress;
@@ -183,40 +184,8 @@ class ReftLayer(nn.Module, BaseTunerLayer):
                     f"gives shape {list(hidden.shape)} for a batch of {locations.shape[0]}, so this architecture is "
                     "not supported."
                 )
-            hidden = self._edit(hidden, self.reft_interventions[name], locations)
+            hidden = add_edits(hidden, self.reft_interventions[name], locations)
         return (hidden, *output[1:]) if isinstance(output, tuple) else hidden
-
-    @staticmethod
-    def _edit(hidden: torch.Tensor, interventions: nn.ModuleList, locations: torch.Tensor) -> torch.Tensor:
-        """Add each intervention's delta at its locations (`[B, groups, P]`, -1 = empty), in place: one gather per
-        group and one scatter-add; only the selected tokens go through the interventions. Autograd keeps only the
-        indices (see `_GatherTokens`, `_AddAtTokens`), so no copy of the hidden states is made or kept."""
-        if locations.shape[1] != len(interventions):
-            raise RuntimeError(
-                f"ReFT positions of shape {list(locations.shape)} do not fit {len(interventions)} intervention(s) "
-                "per layer."
-            )
-        index = locations.clamp(min=0)
-        # eager training: the in-place autograd functions (`_GatherTokens`, `_AddAtTokens`); without autograd
-        # (inference) the plain ops do the same with less overhead; under torch.compile the out-of-place ops, which
-        # the compiler may make in place where that is safe (an in-place custom function on a graph input, when
-        # dynamo splits the layer's graph, gets wrong gradients from AOT autograd)
-        compiling = torch.compiler.is_compiling()
-        tracked = torch.is_grad_enabled() and not compiling
-        deltas = []
-        for group, intervention in enumerate(interventions):
-            # empty slots read token 0 and add a zero delta, so every intervention runs (DDP needs its gradients)
-            if tracked:
-                selected = _GatherTokens.apply(hidden, index[:, group])
-            else:
-                selected = hidden.gather(1, _token_index(index[:, group], hidden.shape[-1]))
-            deltas.append(torch.where(locations[:, group, :, None] >= 0, intervention(selected), 0.0))
-        delta = deltas[0] if len(deltas) == 1 else torch.cat(deltas, 1)
-        if tracked:
-            return _AddAtTokens.apply(hidden, index.flatten(1), delta)
-        if compiling:
-            return hidden.scatter_add(1, _token_index(index.flatten(1), hidden.shape[-1]), delta)
-        return hidden.scatter_add_(1, _token_index(index.flatten(1), hidden.shape[-1]), delta)
 
     def __getattr__(self, name: str) -> Any:
         # model code reads attributes of its decoder layers (e.g. `attention_type`): forward them to the wrapped layer
@@ -265,41 +234,3 @@ def _run_with_positions(positions: Optional[dict[str, torch.Tensor]], function: 
 def _kept(tensor: torch.Tensor) -> torch.Tensor:
     """Saved-tensor hook that keeps a tensor as it is (and gives it back as it is)."""
     return tensor
-
-
-def _token_index(index: torch.Tensor, width: int) -> torch.Tensor:
-    return index[..., None].expand(-1, -1, width)
-
-
-class _GatherTokens(torch.autograd.Function):
-    """`hidden[b, index[b, p], :]` (`[B, P, d]`). Saves only `index` for backward, not `hidden`, so that `hidden`
-    can be edited in place afterwards (torch's gather would keep `hidden` and refuse that)."""
-
-    @staticmethod
-    def forward(ctx, hidden: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
-        ctx.save_for_backward(index)
-        ctx.seq_len = hidden.shape[1]
-        return hidden.gather(1, _token_index(index, hidden.shape[-1]))
-
-    @staticmethod
-    def backward(ctx, grad: torch.Tensor):
-        (index,) = ctx.saved_tensors
-        grad_hidden = grad.new_zeros(grad.shape[0], ctx.seq_len, grad.shape[-1])
-        return grad_hidden.scatter_add_(1, _token_index(index, grad.shape[-1]), grad), None
-
-
-class _AddAtTokens(torch.autograd.Function):
-    """`hidden[b, index[b, p], :] += deltas[b, p, :]`, in place (no copy of `hidden`). Backward: the gradient passes
-    through to `hidden` unchanged, and `deltas` get it gathered at their tokens."""
-
-    @staticmethod
-    def forward(ctx, hidden: torch.Tensor, index: torch.Tensor, deltas: torch.Tensor) -> torch.Tensor:
-        ctx.save_for_backward(index)
-        ctx.mark_dirty(hidden)
-        hidden.scatter_add_(1, _token_index(index, hidden.shape[-1]), deltas)
-        return hidden  # the dirty input itself, as torch.compile requires of `mark_dirty`
-
-    @staticmethod
-    def backward(ctx, grad: torch.Tensor):
-        (index,) = ctx.saved_tensors
-        return grad, None, grad.gather(1, _token_index(index, grad.shape[-1]))

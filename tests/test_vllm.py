@@ -139,18 +139,22 @@ def test_qwen2_tokens_match_peft_generate_under_preemption_compiled_by_inductor(
 
 def test_tensor_parallel_engine_matches_peft_generate(tmp_path, tokenizer):
     """tensor_parallel_size=2 (two CPU worker processes over gloo, one core each): every rank edits the hidden states
-    it holds (all of them, after each layer's all-reduce), so the tokens are `PeftModel.generate`'s, with prompts
-    prefilled in chunks, preempted requests and prefix caching as on one rank."""
+    it holds (all of them, after each layer's all-reduce), so the tokens are `PeftModel.generate`'s for every
+    intervention type, with prompts prefilled in chunks, preempted requests and prefix caching as on one rank."""
     base = save_base(tmp_path / "base", "llama", tokenizer)
-    adapters = {name: LLAMA_ADAPTERS[name] for name in ("loreft_f2l2", "noreft_l3_mlp", "nodireft_all_attn")}
+    adapters = LLAMA_ADAPTERS  # every intervention type, position form and component
     for name, config in adapters.items():
         save_adapter(base, tmp_path / name, **config)
-    prompts = prompts_of((3, 22, 30), seed=3, vocab=len(tokenizer))  # the longer ones grow past a block
+    # the longer ones grow past a block; seed 16: no greedy step of the 21 references is a near-tie (top-2 logit gap
+    # >= 7.8e-3; tensor parallelism sums in another order, and seed 3's 5.5e-4 flipped once)
+    prompts = prompts_of((3, 22, 30), seed=16, vocab=len(tokenizer))
     long_prompt = prompts_of([LONG], seed=1, vocab=len(tokenizer))[0]
     sources = [None, *adapters]
     expected = {s: reference_tokens(base, None if s is None else tmp_path / s, prompts + [long_prompt])
                 for s in sources}
     prefix_order = [None, "noreft_l3_mlp", "loreft_f2l2", "loreft_f2l2"]
+    for name in adapters:  # each adapter changes the greedy tokens of some prompt
+        assert expected[name] != expected[None], name
     # a KV cache of 5 blocks of 32 tokens (one is vLLM's null block): the mixed batch preempts requests
     engine = dict(max_model_len=128, tensor_parallel_size=2, block_size=32, enable_prefix_caching=True,
                   max_num_batched_tokens=16, max_num_seqs=8, num_gpu_blocks_override=5,

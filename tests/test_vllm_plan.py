@@ -58,9 +58,10 @@ def simulate(prompt_lengths, adapters_of, new_tokens, budget, seed):
         starts = np.concatenate([[0], np.cumsum(counts)])
         edits = step_edits(ADAPTERS, [adapters_of[i] for i in rows], starts, np.array([done[i] for i in rows]),
                            np.array([prompt_lengths[i] for i in rows]))
-        for name, per_group in edits.items():
-            for group, index in enumerate(per_group):
-                for token in index.tolist():
+        for name, locations in edits.items():
+            assert locations.shape[0] == 1 and locations.shape[1] == ADAPTERS[name].num_groups  # one row: the step
+            for group, index in enumerate(locations[0]):
+                for token in index[index >= 0].tolist():
                     k = int(np.searchsorted(starts, token, side="right") - 1)
                     row = rows[k]
                     assert adapters_of[row] == name
@@ -98,8 +99,8 @@ def test_serving_rule_is_the_batch_rule_of_generate(name):
     served_rule = step_edits({name: adapter}, [name] * len(lengths), np.concatenate([[0], np.cumsum(lengths)]),
                              np.zeros(len(lengths)), np.array(lengths))
     flat = torch.full((sum(lengths),), -1)
-    for group, index in enumerate(served_rule[name]):
-        flat[index] = group
+    for group, index in enumerate(served_rule[name][0]):
+        flat[index[index >= 0]] = group
     assert flat.tolist() == group_map[mask.bool()].tolist()
 
 
@@ -108,7 +109,7 @@ def test_decode_steps_of_prompt_adapters_plan_nothing():
                        np.array([9, 4, 3]))
     assert edits == {}
     edits = step_edits(ADAPTERS, ["all", "l4"], np.array([0, 1, 2]), np.array([9, 4]), np.array([9, 4]))
-    assert list(edits) == ["all"] and [i.tolist() for i in edits["all"]] == [[0]]
+    assert list(edits) == ["all"] and edits["all"].tolist() == [[[0]]]
 
 
 def test_prefix_cache_key_marks_exactly_the_blocks_with_edits():

@@ -42,6 +42,12 @@ class Runner:  # as vLLM's: weakly referable, holds the model it runs
         self.device = "cpu"
 
 
+def per_group(locations):
+    """A step's locations (`[1, groups, P]`, -1 = empty) as one list of token indices per group."""
+    assert locations.shape[0] == 1
+    return [[token for token in row if token >= 0] for row in locations[0].tolist()]
+
+
 @pytest.fixture
 def runner(monkeypatch):
     runner = Runner()
@@ -72,7 +78,7 @@ def test_v2_rows_become_the_edits_of_their_requests(runner):
     assert layers == {0: "layer 0"}
     # "ends" (f1+l2, untied: group 0 the first token, group 1 the last two): "d" 6 tokens -> absolute 4, 5 are its
     # last two (flattened 2, 3); "a" 10 tokens -> absolute 0 is its first (flattened 4); "all": the decode token (12)
-    assert {uid: [g.tolist() for g in groups] for uid, groups in step.items()} == {
+    assert {uid: per_group(locations) for uid, locations in step.items()} == {
         "ends": [[4], [2, 3]], "all": [[12]]}
     assert edits._STEP.get() is None  # gone with the step
 
@@ -89,7 +95,7 @@ def test_v2_rows_become_the_edits_of_their_requests(runner):
         seen["step"] = edits._STEP.get()
 
     v2_execute_model(execute_again, runner)
-    assert {uid: [g.tolist() for g in groups] for uid, groups in seen["step"][1].items()} == {"ends": [[], [2, 3]]}
+    assert {uid: per_group(locations) for uid, locations in seen["step"][1].items()} == {"ends": [[], [2, 3]]}
 
 
 def test_v2_refuses_a_row_whose_adapter_the_worker_does_not_hold(runner):

@@ -1,11 +1,13 @@
 """Applying ReFT edits inside a vLLM model, for the step in progress.
 
-vLLM runs a step's tokens flattened (`[num_tokens, hidden]`). Its Llama-style decoder layers return
+vLLM runs a step's tokens flattened (`[num_tokens, hidden]`): the edits are the package's own (`peft_reft.edit.
+add_edits`, as `ReftLayer` applies them), on the step seen as one row. Its Llama-style decoder layers return
 `(branch_output, residual)`: the block output that a transformers layer returns is their sum, formed by the next
 layer's fused add-norm (or the final norm). So:
 
-- `block_output`: at an edited token, h = branch + residual is edited, written into `residual`, and `branch` is set to
-  zero, so that the sum the next layer forms is exactly the edited h (as `PeftModel` computes it, bit for bit);
+- `block_output`: when the layer edits some token of the step, the sum is formed into `residual` (`branch` set to
+  zero; the next layer's sum is then `residual` itself) and edited there, so the next layer reads exactly the edited
+  h that `PeftModel` computes;
 - `mlp_output`: the branch the layer returns is the MLP's output: edited in place;
 - `attention_output`: the output of the layer's attention submodule, edited in place.
 
@@ -30,6 +32,7 @@ from torch import nn
 
 from ..architecture import component_module
 from ..call_state import CallState
+from ..edit import add_edits
 from .plan import StepEdits
 
 LIBRARY = "peft_reft"
@@ -59,25 +62,14 @@ def set_step(layers: Mapping[int, "LayerEdits"], edits: StepEdits) -> None:
     _STEP.set((layers, edits) if edits else None)
 
 
-def _edited_rows(hidden: torch.Tensor, interventions: nn.ModuleList, groups: list[torch.Tensor]) -> None:
-    """`hidden[t] = intervention_g(hidden[t])` for the tokens t of each group g, in place."""
-    for intervention, index in zip(interventions, groups):
-        if index.numel():
-            hidden.index_copy_(0, index, intervention.edited(hidden.index_select(0, index)))
+def _fold_block(branch: torch.Tensor, residual: torch.Tensor) -> None:
+    """Make `residual` hold the block output `branch + residual` (as the next layer's add forms it) and `branch`
+    zero, in place: the next layer's sum is then the (edited) `residual` itself."""
+    residual.add_(branch)
+    branch.zero_()
 
 
-def _edited_block(branch: torch.Tensor, residual: torch.Tensor, interventions: nn.ModuleList,
-                  groups: list[torch.Tensor]) -> None:
-    """The block output `branch + residual` edited at the tokens of each group: the edited sum goes into `residual`,
-    zero into `branch`, in place."""
-    for intervention, index in zip(interventions, groups):
-        if index.numel():
-            block = branch.index_select(0, index) + residual.index_select(0, index)
-            residual.index_copy_(0, index, intervention.edited(block))
-            branch.index_fill_(0, index, 0)
-
-
-def _work(layer: int, component: str) -> list[tuple[nn.ModuleList, list[torch.Tensor]]]:
+def _work(layer: int, component: str) -> list[tuple[nn.ModuleList, torch.Tensor]]:
     step = _STEP.get()
     if step is None:
         return []
@@ -86,19 +78,24 @@ def _work(layer: int, component: str) -> list[tuple[nn.ModuleList, list[torch.Te
     if layer_edits is None:
         return []
     adapters = layer_edits.by_component[component]
-    return [(adapters[uid], groups) for uid, groups in edits.items() if uid in adapters]
+    return [(adapters[uid], locations) for uid, locations in edits.items() if uid in adapters]
 
 
 def _edit_layer(branch: torch.Tensor, residual: torch.Tensor, layer: int) -> None:
-    for interventions, groups in _work(layer, "mlp_output"):
-        _edited_rows(branch, interventions, groups)
-    for interventions, groups in _work(layer, "block_output"):
-        _edited_block(branch, residual, interventions, groups)
+    with torch.no_grad():
+        for interventions, locations in _work(layer, "mlp_output"):
+            add_edits(branch[None], interventions, locations)
+        block = _work(layer, "block_output")
+        if block:
+            _fold_block(branch, residual)
+            for interventions, locations in block:
+                add_edits(residual[None], interventions, locations)
 
 
 def _edit_attention(output: torch.Tensor, layer: int) -> None:
-    for interventions, groups in _work(layer, "attention_output"):
-        _edited_rows(output, interventions, groups)
+    with torch.no_grad():
+        for interventions, locations in _work(layer, "attention_output"):
+            add_edits(output[None], interventions, locations)
 
 
 def _nothing(*args: Any) -> None:

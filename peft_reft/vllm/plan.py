@@ -14,11 +14,12 @@ from typing import Mapping, Optional, Sequence
 import numpy as np
 import torch
 
-from ..positions import request_token_groups
+from ..positions import locations_from_group_map, request_token_groups
 from .adapters import ServedAdapter
 
-# adapter name -> one LongTensor per intervention group: the flattened token indices of the step that it edits
-StepEdits = dict[str, list[torch.Tensor]]
+# adapter uid -> the flattened token indices of the step that it edits, laid out as `peft_reft.edit.add_edits` takes
+# them for one row: `[1, groups, P]`, -1 = empty slot
+StepEdits = dict[str, torch.Tensor]
 
 
 def step_edits(
@@ -33,16 +34,16 @@ def step_edits(
 
     Row i of the step (a request) is served by adapter `row_adapters[i]` (None: the base model), owns the flattened
     tokens `query_start[i]:query_start[i + 1]`, whose absolute positions start at `computed[i]`, and has a prompt of
-    `prompt_lengths[i]` tokens. Adapters (and groups) that edit nothing in this step are left out: a decode step of
-    prompt-position adapters costs one pass over the rows and no tensor work.
+    `prompt_lengths[i]` tokens. Adapters that edit nothing in this step are left out: a decode step of prompt-position
+    adapters costs one pass over the rows and no tensor work. All adapters' locations reach `device` in one copy.
     """
     query_start, computed, prompt_lengths = (np.asarray(a, dtype=np.int64) for a in (query_start, computed,
                                                                                    prompt_lengths))
-    edits: StepEdits = {}
     rows_of: dict[str, list[int]] = {}
     for row, name in enumerate(row_adapters):
         if name is not None:
             rows_of.setdefault(name, []).append(row)
+    planned: dict[str, torch.Tensor] = {}
     for name, rows in rows_of.items():
         adapter = adapters[name]
         rows = np.asarray(rows)
@@ -60,7 +61,15 @@ def step_edits(
             torch.from_numpy(computed[rows][row_of_token] + offset),
             torch.from_numpy(prompt_lengths[rows][row_of_token]),
         )
-        per_group = [flat[groups == group].to(device, non_blocking=True) for group in range(adapter.num_groups)]
-        if any(index.numel() for index in per_group):
-            edits[name] = per_group
+        if bool((groups >= 0).any()):
+            local = locations_from_group_map(groups[None], adapter.num_groups)[0]  # indices into this adapter's tokens
+            planned[name] = torch.where(local >= 0, flat[local.clamp(min=0)], -1)
+    if not planned:
+        return {}
+    together = torch.cat([locations.flatten() for locations in planned.values()]).to(device, non_blocking=True)
+    edits: StepEdits = {}
+    start = 0
+    for name, locations in planned.items():
+        edits[name] = together[start: start + locations.numel()].view(1, *locations.shape)
+        start += locations.numel()
     return edits
