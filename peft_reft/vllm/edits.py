@@ -43,8 +43,8 @@ _STEP: CallState[tuple[Mapping[int, "LayerEdits"], StepEdits]] = CallState("reft
 
 @contextlib.contextmanager
 def running_step(layers: Mapping[int, "LayerEdits"], edits: StepEdits) -> Iterator[None]:
-    """Make `edits` (uid -> token indices per group) the edits that `layers` make in the model forward pass that runs
-    inside this block (this thread only)."""
+    """Make `edits` (uid -> the step's token indices, `[1, groups, P]`, see `peft_reft.vllm.plan`) the edits that
+    `layers` make in the model forward pass that runs inside this block (this thread only)."""
     with _STEP.bound((layers, edits) if edits else None):
         yield
 
